@@ -1,0 +1,267 @@
+//! Segments, from `cgroup_skb` ingress and egress on the cgroup v2 root.
+//!
+//! For each segment of a tracked socket this module does two things:
+//!
+//! - Ingress only: brings the socket's `bytes_acked` and `bytes_received` up to date. The
+//!   program runs before TCP processes the segment, so it reads the socket's values through
+//!   `bpf_tcp_sock()` (as of the previous segment) and adds what this segment brings: new
+//!   acknowledged bytes (`ack_seq - snd_una`) and new in-order payload (`seq + len - rcv_nxt`).
+//!   A segment TCP later drops is corrected by the next one, which reads the socket afresh.
+//! - Both directions, while the connection is still being classified: copies the first
+//!   [`HEADER_WINDOW`] bytes of the stream to the agent as [`ChunkEvent`]s, tagged with their
+//!   offset in the stream, so the agent can parse the HTTP upgrade wherever segments split it.
+//!   A connection whose request direction does not open with `G` cannot be a WebSocket upgrade
+//!   and stops being tracked here, unless its port is watched.
+//!
+//! Fields read: `struct __sk_buff` `len` and `sk`, and `struct bpf_tcp_sock` `rcv_nxt`,
+//! `snd_una`, `bytes_received`, `bytes_acked`, all UAPI contexts the verifier translates to the
+//! running kernel's layout; and the IPv4/IPv6 and TCP headers of the packet, which start at
+//! offset 0 in both directions for `cgroup_skb`. Packets are never changed: both programs
+//! always return 1 (pass).
+
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_tcp_sock,
+        generated::bpf_skb_load_bytes,
+    },
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use observer_common::{
+    CHUNK_LEN, ChunkEvent, ConnState, Direction, EventHeader, EventKind, HEADER_WINDOW, Role,
+    flags, stat,
+};
+
+use crate::{CONNS, EVENTS, STOP_FWD, count};
+
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Chunks copied from one segment at most (a loopback segment can hold the whole window).
+const MAX_CHUNKS: u32 = HEADER_WINDOW / CHUNK_LEN as u32;
+
+#[cgroup_skb(ingress)]
+pub fn observer_ingress(ctx: SkBuffContext) -> i32 {
+    segment(&ctx, Direction::Ingress);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn observer_egress(ctx: SkBuffContext) -> i32 {
+    segment(&ctx, Direction::Egress);
+    1
+}
+
+/// What this module needs of a TCP segment's headers.
+struct Segment {
+    seq: u32,
+    ack_seq: u32,
+    tcp_flags: u8,
+    payload_offset: u32,
+    payload_len: u32,
+}
+
+#[inline(always)]
+fn segment(ctx: &SkBuffContext, direction: Direction) {
+    // SAFETY: the context is valid for the whole run; the helper returns 0 without a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(state) = CONNS.get_ptr_mut(cookie) else {
+        return;
+    };
+    let Some(seg) = parse(ctx) else {
+        return;
+    };
+    if direction == Direction::Ingress {
+        account_ingress(ctx, state, &seg);
+    }
+    if seg.payload_len > 0 {
+        forward(ctx, cookie, state, &seg, direction);
+    }
+}
+
+/// Reads the IP and TCP headers at the start of the packet.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Segment> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (ip_len, protocol) = match first >> 4 {
+        4 => (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?),
+        6 => (40, ctx.load::<u8>(6).ok()?),
+        _ => return None,
+    };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let at = ip_len as usize;
+    let seq = u32::from_be(ctx.load::<u32>(at + 4).ok()?);
+    let ack_seq = u32::from_be(ctx.load::<u32>(at + 8).ok()?);
+    let data_offset: u8 = ctx.load(at + 12).ok()?;
+    let tcp_flags: u8 = ctx.load(at + 13).ok()?;
+    let payload_offset = ip_len + u32::from(data_offset >> 4) * 4;
+    Some(Segment {
+        seq,
+        ack_seq,
+        tcp_flags,
+        payload_offset,
+        payload_len: ctx.len().saturating_sub(payload_offset),
+    })
+}
+
+#[inline(always)]
+fn account_ingress(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment) {
+    // SAFETY: the context is valid; `sk` is checked for NULL and narrowed by the helpers, whose
+    // results are checked for NULL before any field is read.
+    let (rcv_nxt, snd_una, received, acked) = unsafe {
+        let sk: *mut bpf_sock = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return;
+        }
+        let tp = bpf_tcp_sock(full);
+        if tp.is_null() {
+            return;
+        }
+        ((*tp).rcv_nxt, (*tp).snd_una, (*tp).bytes_received, (*tp).bytes_acked)
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let mut acked_now = acked;
+    if seg.tcp_flags & TCP_FLAG_ACK != 0 {
+        let advance = seg.ack_seq.wrapping_sub(snd_una) as i32;
+        if advance > 0 {
+            acked_now += advance as u64;
+        }
+    }
+
+    let mut received_now = received;
+    let new_bytes = seg.seq.wrapping_add(seg.payload_len).wrapping_sub(rcv_nxt) as i32;
+    let in_order = rcv_nxt.wrapping_sub(seg.seq) as i32 >= 0;
+    if seg.payload_len > 0 && new_bytes > 0 && in_order {
+        received_now += new_bytes as u64;
+    }
+
+    // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+    unsafe {
+        if acked_now > (*state).tcp_bytes_acked {
+            (*state).last_ack_ns = now;
+        }
+        if received_now > (*state).tcp_bytes_received {
+            (*state).last_rx_ns = now;
+            if (*state).recv_queue() == 0 {
+                (*state).unread_since_ns = now;
+            }
+        }
+        (*state).tcp_bytes_acked = acked_now;
+        (*state).tcp_bytes_received = received_now;
+    }
+}
+
+/// Copies the segment's payload to the agent while the stream's start is still being examined.
+#[inline(always)]
+fn forward(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    state: *mut ConnState,
+    seg: &Segment,
+    direction: Direction,
+) {
+    let bit = match direction {
+        Direction::Ingress => flags::FWD_INGRESS,
+        Direction::Egress => flags::FWD_EGRESS,
+    };
+    // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+    let (state_flags, start, role) =
+        unsafe { ((*state).flags, (*state).stream_start[direction as usize], (*state).role) };
+    if state_flags & bit == 0 {
+        return;
+    }
+    let offset = seg.seq.wrapping_sub(start);
+    if offset >= HEADER_WINDOW {
+        return;
+    }
+
+    // SAFETY: the value is only tested for presence.
+    if unsafe { STOP_FWD.get(cookie) }.is_some() {
+        // SAFETY: as above.
+        unsafe { (*state).flags &= !(flags::FWD_INGRESS | flags::FWD_EGRESS) };
+        let _ = STOP_FWD.remove(cookie);
+        return;
+    }
+
+    if state_flags & flags::CLASSIFIED == 0 && offset == 0 {
+        let request_direction =
+            if role == Role::Server as u8 { Direction::Ingress } else { Direction::Egress };
+        let first: u8 = ctx.load(seg.payload_offset as usize).unwrap_or(0);
+        if direction == request_direction && first == b'G' {
+            // SAFETY: as above.
+            unsafe { (*state).flags |= flags::HTTP_CANDIDATE | flags::CLASSIFIED };
+        } else if state_flags & flags::WATCHED != 0 {
+            // Not HTTP, but watched: keep tracking, stop copying.
+            // SAFETY: as above.
+            unsafe {
+                (*state).flags =
+                    (state_flags | flags::CLASSIFIED) & !(flags::FWD_INGRESS | flags::FWD_EGRESS);
+            }
+            return;
+        } else {
+            let _ = CONNS.remove(cookie);
+            return;
+        }
+    }
+
+    emit_chunks(ctx, cookie, seg, offset, direction);
+}
+
+#[inline(always)]
+fn emit_chunks(ctx: &SkBuffContext, cookie: u64, seg: &Segment, offset: u32, direction: Direction) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut i = 0;
+    while i < MAX_CHUNKS {
+        let start = i * CHUNK_LEN as u32;
+        if start >= seg.payload_len || offset + start >= HEADER_WINDOW {
+            break;
+        }
+        let len = seg.payload_len - start;
+        let len = if len > CHUNK_LEN as u32 { CHUNK_LEN as u32 } else { len };
+        let Some(mut entry) = EVENTS.reserve::<ChunkEvent>(0) else {
+            count(stat::EVENTS_LOST);
+            break;
+        };
+        // Hide the range the compiler proved from it, so that it keeps the check the verifier
+        // needs to see: `len` in 1..=CHUNK_LEN.
+        // SAFETY: reads a local.
+        let len = unsafe { core::ptr::read_volatile(&len) };
+        if len == 0 || len > CHUNK_LEN as u32 {
+            entry.discard(0);
+            break;
+        }
+        let event = entry.as_mut_ptr();
+        // SAFETY: `event` points at a reserved, writable record of the right size, and `len` is
+        // at most the size of `data`.
+        let loaded = unsafe {
+            (*event).header =
+                EventHeader { kind: EventKind::Chunk as u32, _pad: 0, cookie, ts_ns: now };
+            (*event).offset = offset + start;
+            (*event).len = len as u16;
+            (*event).direction = direction as u8;
+            (*event)._pad = 0;
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                seg.payload_offset + start,
+                (*event).data.as_mut_ptr().cast(),
+                len,
+            )
+        };
+        if loaded != 0 {
+            entry.discard(0);
+            count(stat::CHUNK_ERRORS);
+            break;
+        }
+        entry.submit(0);
+        i += 1;
+    }
+}

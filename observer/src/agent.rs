@@ -1,0 +1,168 @@
+//! `observer run`: the event loop that ties the kernel side, the table and the endpoint together.
+//!
+//! One task owns the kernel maps and the table. It drains the ring buffer whenever it is readable
+//! and, every refresh, reads every kernel entry, recomputes verdicts and publishes a snapshot that
+//! the HTTP handlers serve.
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::RingBuf;
+use observer_common::{ChunkEvent, ConnEvent, Direction, EventHeader, EventKind, stat};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpListener,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    api::{self, Shared, Snapshot},
+    cli::RunConfig,
+    conntrack::{KernelAction, Tracker},
+    kernel::{Kernel, KernelConfig},
+    metrics,
+};
+
+/// Why `observer run` stopped, mapped to the documented exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The kernel programs could not be loaded or attached.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    /// The metrics address could not be bound.
+    #[error("cannot listen on --metrics-addr {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl RunError {
+    pub const fn exit_code(&self) -> u8 {
+        match self {
+            Self::Kernel(_) => 3,
+            Self::Listen { .. } => 4,
+            Self::Other(_) => 1,
+        }
+    }
+}
+
+pub async fn run(config: RunConfig) -> Result<(), RunError> {
+    // Bind first: a busy port is cheaper to report than programs loaded for nothing.
+    let listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
+
+    let mut kernel = Kernel::load(&KernelConfig {
+        watched_ports: config.ports.clone(),
+        max_connections: config.max_connections,
+        cgroup: config.cgroup.clone(),
+    })?;
+    let events = kernel.events.take().context("ring buffer already taken")?;
+    // SAFETY: the ring buffer owns its descriptor and lives inside the `AsyncFd` until the loop
+    // ends, so the descriptor stays open and unshared for as long as it is registered.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+
+    let shared = Arc::new(Shared::new(config.refresh));
+    let app = api::router(Arc::clone(&shared));
+    info!(addr = %config.metrics_addr, ports = ?config.ports, "serving /metrics, /connections, /healthz");
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut tracker = Tracker::new(config.thresholds);
+    let mut tick = tokio::time::interval(config.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut tracker, &mut kernel);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => refresh(&mut tracker, &mut kernel, &shared),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+        if server.is_finished() {
+            return Err(anyhow::anyhow!("the HTTP server stopped").into());
+        }
+    }
+    info!(tracked = tracker.len(), "stopping; kernel programs detach with the process");
+    Ok(())
+}
+
+/// Handles every event waiting in the ring buffer.
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, tracker: &mut Tracker, kernel: &mut Kernel) {
+    while let Some(item) = ring.next() {
+        let bytes: &[u8] = &item;
+        if bytes.len() < size_of::<EventHeader>() {
+            warn!(len = bytes.len(), "short kernel event ignored");
+            continue;
+        }
+        // SAFETY: the length was checked; `EventHeader` is plain data valid for any bits.
+        let header: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        match EventKind::from_u32(header.kind) {
+            Some(EventKind::Open | EventKind::Close) if bytes.len() >= size_of::<ConnEvent>() => {
+                // SAFETY: as above, for `ConnEvent`.
+                let event: ConnEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                if header.kind == EventKind::Open as u32 {
+                    tracker.open(header.cookie, event.state);
+                } else {
+                    tracker.close(header.cookie, event.state);
+                }
+            }
+            Some(EventKind::Chunk) if bytes.len() >= size_of::<ChunkEvent>() => {
+                // SAFETY: as above, for `ChunkEvent`.
+                let event: ChunkEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                let len = usize::from(event.len).min(event.data.len());
+                let direction =
+                    if event.direction == 0 { Direction::Ingress } else { Direction::Egress };
+                let cookie = header.cookie;
+                let conns = &kernel.conns;
+                let action =
+                    tracker.chunk(cookie, direction, event.offset, &event.data[..len], || {
+                        conns.get(&cookie, 0).ok()
+                    });
+                if let Some(action) = action {
+                    apply(kernel, action);
+                }
+            }
+            _ => warn!(kind = header.kind, len = bytes.len(), "unknown kernel event ignored"),
+        }
+    }
+}
+
+fn apply(kernel: &mut Kernel, action: KernelAction) {
+    let result = match action {
+        KernelAction::StopForwarding(cookie) => kernel.stop_forwarding.insert(cookie, 1, 0),
+        KernelAction::Untrack(cookie) => kernel.conns.remove(&cookie),
+    };
+    if let Err(error) = result {
+        // The connection may have closed in between; nothing is lost.
+        debug!(?action, %error, "kernel map update skipped");
+    }
+}
+
+/// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
+fn refresh(tracker: &mut Tracker, kernel: &mut Kernel, shared: &Shared) {
+    let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
+    tracker.sync(entries);
+    let connections = tracker.refresh(crate::clock::monotonic_ns());
+    let stats = kernel.stats();
+    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let metrics = metrics::render(&metrics::Inputs {
+        connections: &connections,
+        totals: tracker.totals(),
+        known: tracker.known_series(),
+        events_lost: stats[stat::EVENTS_LOST as usize],
+        untracked_map_full: stats[stat::CONNS_FULL as usize],
+        last_refresh_unix_seconds: now_unix,
+    });
+    shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
+}

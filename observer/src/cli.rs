@@ -1,0 +1,167 @@
+//! Command-line flags. Parsed here, validated into [`RunConfig`] by [`RunArgs::validate`].
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::verdict::Thresholds;
+
+/// Watches every WebSocket connection of this host from the kernel and tells which ones are
+/// open but dead.
+#[derive(Debug, Parser)]
+#[command(name = "observer", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `observer run`, the default command.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the kernel programs, watch connections and serve metrics (the default).
+    Run(RunArgs),
+    /// Show the live connections of a running agent, worst verdicts first.
+    List(ListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Server port whose TCP connections are WebSocket connections (repeatable; comma-separated
+    /// in the environment). Without it, connections are found by their HTTP upgrade.
+    #[arg(long = "port", value_name = "PORT", env = "OBSERVER_PORTS", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+
+    /// Address for /metrics, /connections and /healthz.
+    #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// A connection with no application data either way for this long is idle (two missed 30 s
+    /// heartbeats by default). Durations read like 500ms, 10s, 2m.
+    #[arg(long, env = "OBSERVER_IDLE_AFTER", default_value = "60s", value_parser = duration)]
+    pub idle_after: Duration,
+
+    /// Bytes left unread in the receive queue for this long mean the application is not reading.
+    #[arg(long, env = "OBSERVER_STALL_AFTER", default_value = "10s", value_parser = duration)]
+    pub stall_after: Duration,
+
+    /// How often verdicts and metrics are recomputed.
+    #[arg(long, env = "OBSERVER_REFRESH", default_value = "1s", value_parser = duration)]
+    pub refresh: Duration,
+
+    /// Most connection ends tracked in the kernel at once (about 200 bytes each).
+    #[arg(long, env = "OBSERVER_MAX_CONNECTIONS", default_value_t = observer_common::DEFAULT_MAX_CONNS)]
+    pub max_connections: u32,
+
+    /// cgroup v2 directory to attach to [default: the root of the cgroup v2 hierarchy, which
+    /// covers every process of the host].
+    #[arg(long, env = "OBSERVER_CGROUP", value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Print the agent's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Base URL of the agent.
+    #[arg(long, env = "OBSERVER_ADDR", default_value = "http://127.0.0.1:9464")]
+    pub addr: String,
+}
+
+/// Validated settings of `observer run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub ports: Vec<u16>,
+    pub metrics_addr: SocketAddr,
+    pub thresholds: Thresholds,
+    pub refresh: Duration,
+    pub max_connections: u32,
+    pub cgroup: Option<PathBuf>,
+}
+
+impl RunArgs {
+    pub fn validate(self) -> Result<RunConfig, String> {
+        let mut ports = self.ports;
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.contains(&0) {
+            return Err("--port 0 is not a port".into());
+        }
+        if ports.len() > observer_common::MAX_WATCHED_PORTS as usize {
+            return Err(format!(
+                "at most {} ports can be given with --port",
+                observer_common::MAX_WATCHED_PORTS
+            ));
+        }
+        if ports.contains(&self.metrics_addr.port()) {
+            return Err(format!(
+                "--metrics-addr {} uses a watched port; serve metrics on another port",
+                self.metrics_addr
+            ));
+        }
+        if self.refresh.is_zero() {
+            return Err("--refresh must be longer than zero".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(RunConfig {
+            ports,
+            metrics_addr: self.metrics_addr,
+            thresholds: Thresholds { idle_after: self.idle_after, stall_after: self.stall_after },
+            refresh: self.refresh,
+            max_connections: self.max_connections,
+            cgroup: self.cgroup,
+        })
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h30m`.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e} (expected a duration such as 500ms, 10s or 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(duration("10").is_err());
+        assert!(duration("fast").is_err());
+    }
+
+    #[test]
+    fn defaults_and_subcommands() {
+        let cli = Cli::try_parse_from(["observer"]).unwrap();
+        assert!(cli.command.is_none());
+        let config = cli.run.validate().unwrap();
+        assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9464");
+        assert_eq!(config.thresholds.idle_after, Duration::from_secs(60));
+        assert_eq!(config.thresholds.stall_after, Duration::from_secs(10));
+        assert_eq!(config.refresh, Duration::from_secs(1));
+
+        let cli = Cli::try_parse_from(["observer", "run", "--port", "80", "--port", "81"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else { panic!("run expected") };
+        assert_eq!(args.ports, vec![80, 81]);
+
+        let cli =
+            Cli::try_parse_from(["observer", "--port", "8080", "--idle-after", "2m"]).unwrap();
+        assert_eq!(cli.run.idle_after, Duration::from_secs(120));
+        assert!(Cli::try_parse_from(["observer", "--refresh", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["observer", "--frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn metrics_port_may_not_be_watched() {
+        let cli = Cli::try_parse_from(["observer", "--port", "9464"]).unwrap();
+        assert!(cli.run.validate().unwrap_err().contains("watched port"));
+    }
+}

@@ -1,0 +1,84 @@
+//! observer: watches every WebSocket connection of a Linux host from the kernel and tells which
+//! ones are open but dead.
+//!
+//! Exit codes: 0 stopped by SIGINT/SIGTERM (or `list` succeeded), 1 runtime error, 2 bad flags,
+//! 3 kernel programs could not be loaded or attached (privileges, kernel features), 4 the metrics
+//! address could not be bound.
+
+mod agent;
+mod api;
+mod cli;
+mod clock;
+mod conntrack;
+mod handshake;
+mod kernel;
+mod list;
+mod metrics;
+mod verdict;
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let run_args = match cli.command {
+        Some(Command::List(args)) => {
+            return match list::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("observer list: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Run(args)) => args,
+        None => cli.run,
+    };
+    let config = match run_args.validate() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("observer: {message}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("observer: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("observer: {}", error_chain(&error));
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// The error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,51 @@
+// WebSocket peer built on the Node `ws` library, for observer's tests.
+//
+//   node ws_peer.js server PORT [echo|sink]     server on 127.0.0.1:PORT
+//   node ws_peer.js client URL chatty|silent|stream [COUNT]
+//
+// Same modes as tests/peers/py_ws.py. Prints `ready` once listening or connected, and `quiet`
+// when a `silent` client has gone quiet.
+'use strict';
+
+const WebSocket = require('ws');
+
+const [role, target, mode, countArg] = process.argv.slice(2);
+
+if (role === 'server') {
+  const server = new WebSocket.Server({ host: '127.0.0.1', port: Number(target) });
+  const sink = mode === 'sink';
+  server.on('connection', (ws) =>
+    ws.on('message', (data, isBinary) => {
+      if (!sink) ws.send(data, { binary: isBinary });
+    }));
+  server.on('listening', () => console.log('ready'));
+} else {
+  const ws = new WebSocket(target);
+  const count = Number(countArg || 3);
+  ws.on('open', () => {
+    console.log('ready');
+    if (mode === 'chatty') {
+      ws.on('message', () => setTimeout(() => ws.send('tick'), 200));
+      ws.send('tick');
+    } else if (mode === 'silent') {
+      let received = 0;
+      ws.on('message', () => {
+        received += 1;
+        if (received === count) console.log('quiet');
+        else ws.send(`message ${received}`);
+      });
+      ws.send('message 0');
+    } else if (mode === 'stream') {
+      const payload = Buffer.alloc(65536, 120);
+      const pump = () => {
+        while (ws.bufferedAmount < 4 * 65536) ws.send(payload);
+        setTimeout(pump, 5);
+      };
+      ws.pause && ws.pause();
+      pump();
+    } else {
+      console.error(`unknown mode ${mode}`);
+      process.exit(2);
+    }
+  });
+}
