@@ -8,6 +8,10 @@
 
 use core::mem::size_of;
 
+pub mod frame;
+
+use frame::StreamState;
+
 /// Largest number of connection ends tracked at once in the kernel by default.
 pub const DEFAULT_MAX_CONNS: u32 = 65_536;
 
@@ -156,6 +160,8 @@ pub enum EventKind {
     Close = 2,
     /// Stream bytes from the start of a connection; carries a [`ChunkEvent`].
     Chunk = 3,
+    /// A control frame; carries a [`FrameEvent`].
+    Frame = 4,
 }
 
 impl EventKind {
@@ -164,6 +170,7 @@ impl EventKind {
             1 => Some(Self::Open),
             2 => Some(Self::Close),
             3 => Some(Self::Chunk),
+            4 => Some(Self::Frame),
             _ => None,
         }
     }
@@ -184,15 +191,44 @@ pub struct EventHeader {
 
 const _: () = assert!(size_of::<EventHeader>() == 24);
 
-/// An open or close event: the connection's state at that moment.
+/// Frame tracking of one connection end, keyed by socket cookie in `FRAMES`: one
+/// [`StreamState`] per [`Direction`], indexed by its discriminant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WsState {
+    pub dir: [StreamState; 2],
+}
+
+const _: () = assert!(size_of::<WsState>() == 304);
+
+/// An open or close event: the connection's state at that moment. `frames` is all zero when the
+/// connection had no frame tracking.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEvent {
     pub header: EventHeader,
     pub state: ConnState,
+    pub frames: WsState,
 }
 
-const _: () = assert!(size_of::<ConnEvent>() == 24 + 168);
+const _: () = assert!(size_of::<ConnEvent>() == 24 + 168 + 304);
+
+/// A control frame (ping, pong or close) seen on a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameEvent {
+    pub header: EventHeader,
+    pub payload_len: u64,
+    /// Close frames: the status code (1005 when absent).
+    pub close_code: u16,
+    pub opcode: u8,
+    /// [`Direction`] as its discriminant.
+    pub direction: u8,
+    pub fin: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<FrameEvent>() == 24 + 16);
 
 /// Bytes copied from the start of one direction of a connection's stream.
 #[repr(C)]
@@ -219,6 +255,8 @@ pub mod stat {
     pub const CONNS_FULL: u32 = 1;
     /// Header bytes that could not be copied (load failure).
     pub const CHUNK_ERRORS: u32 = 2;
+    /// A connection's frames could not be tracked because `FRAMES` was full.
+    pub const FRAMES_FULL: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -230,4 +268,6 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::ChunkEvent {}
+    unsafe impl aya::Pod for super::WsState {}
+    unsafe impl aya::Pod for super::FrameEvent {}
 }

@@ -12,6 +12,7 @@
 //! - [`skb`]: `cgroup_skb` ingress and egress on the cgroup v2 root see each segment: acknowledged
 //!   and received bytes, and the first bytes of each stream, copied to the agent until it has
 //!   decided whether the connection is an HTTP upgrade to WebSocket.
+//! - [`frames`]: from the same segments, the WebSocket frames of each direction (`FRAMES`).
 //!
 //! Every program only reads: the `cgroup_skb` programs always let the packet through, and no
 //! program changes a socket beyond asking for its own state-change callbacks.
@@ -20,6 +21,7 @@
 #![no_main]
 
 mod app;
+mod frames;
 mod skb;
 mod sockops;
 
@@ -28,7 +30,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    ConnEvent, ConnState, DEFAULT_MAX_CONNS, EventHeader, EventKind, MAX_WATCHED_PORTS, stat,
+    ConnEvent, ConnState, DEFAULT_MAX_CONNS, EventHeader, EventKind, MAX_WATCHED_PORTS, WsState,
+    stat,
 };
 
 /// Tracked connection ends. The agent resizes it at load time (`--max-connections`).
@@ -44,7 +47,11 @@ static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WATCHED_P
 #[map]
 static STOP_FWD: HashMap<u64, u8> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
 
-/// Open, close and header-chunk events for the agent.
+/// Frame tracking of connections that may carry WebSocket, from their first `G` on.
+#[map]
+static FRAMES: HashMap<u64, WsState> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+/// Open, close, header-chunk and control-frame events for the agent.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
@@ -62,7 +69,8 @@ fn count(index: u32) {
     }
 }
 
-/// Sends an open or close event carrying the connection's state; counts it when the ring is full.
+/// Sends an open or close event carrying the connection's state, and its frame tracking when it
+/// has any; counts it when the ring is full.
 #[inline(always)]
 fn emit_conn(kind: EventKind, cookie: u64, ts_ns: u64, state: &ConnState) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
@@ -74,6 +82,10 @@ fn emit_conn(kind: EventKind, cookie: u64, ts_ns: u64, state: &ConnState) {
     unsafe {
         (*event).header = EventHeader { kind: kind as u32, _pad: 0, cookie, ts_ns };
         (*event).state = *state;
+        match FRAMES.get_ptr(cookie) {
+            Some(frames) => (*event).frames = *frames,
+            None => (*event).frames = WsState::default(),
+        }
     }
     entry.submit(0);
 }

@@ -33,7 +33,7 @@ use observer_common::{
     flags, stat,
 };
 
-use crate::{CONNS, EVENTS, STOP_FWD, count};
+use crate::{CONNS, EVENTS, STOP_FWD, count, frames};
 
 const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -76,6 +76,16 @@ fn segment(ctx: &SkBuffContext, direction: Direction) {
     }
     if seg.payload_len > 0 {
         forward(ctx, cookie, state, &seg, direction);
+        // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+        let start = unsafe { (*state).stream_start[direction as usize] };
+        frames::track(
+            ctx.skb.skb,
+            cookie,
+            direction,
+            seg.seq.wrapping_sub(start),
+            seg.payload_offset,
+            seg.payload_len,
+        );
     }
 }
 
@@ -198,14 +208,12 @@ fn forward(
         if direction == request_direction && first == b'G' {
             // SAFETY: as above.
             unsafe { (*state).flags |= flags::HTTP_CANDIDATE | flags::CLASSIFIED };
+            frames::start(cookie, request_direction);
         } else if state_flags & flags::WATCHED != 0 {
-            // Not HTTP, but watched: keep tracking, stop copying.
+            // Not HTTP, but watched: still copy the first bytes, from which the agent names the
+            // protocol (TLS, HTTP/2); the agent stops the copying.
             // SAFETY: as above.
-            unsafe {
-                (*state).flags =
-                    (state_flags | flags::CLASSIFIED) & !(flags::FWD_INGRESS | flags::FWD_EGRESS);
-            }
-            return;
+            unsafe { (*state).flags = state_flags | flags::CLASSIFIED };
         } else {
             let _ = CONNS.remove(cookie);
             return;

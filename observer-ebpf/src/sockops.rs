@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use observer_common::{ConnState, EventKind, Role, flags, stat};
 
-use crate::{CONNS, STOP_FWD, WATCHED_PORTS, count, emit_conn};
+use crate::{CONNS, FRAMES, STOP_FWD, WATCHED_PORTS, count, emit_conn};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -139,5 +139,6 @@ fn state_changed(ctx: &SockOpsContext) {
         emit_conn(EventKind::Close, cookie, now, unsafe { &*state });
     }
     let _ = CONNS.remove(cookie);
+    let _ = FRAMES.remove(cookie);
     let _ = STOP_FWD.remove(cookie);
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::RingBuf;
-use observer_common::{ChunkEvent, ConnEvent, Direction, EventHeader, EventKind, stat};
+use observer_common::{ChunkEvent, ConnEvent, Direction, EventHeader, EventKind, FrameEvent, stat};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
@@ -72,7 +72,7 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     info!(addr = %config.metrics_addr, ports = ?config.ports, "serving /metrics, /connections, /healthz");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let mut tracker = Tracker::new(config.thresholds);
+    let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
     let mut tick = tokio::time::interval(config.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -114,7 +114,7 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, tracker: &mut Tracker, kernel: 
                 if header.kind == EventKind::Open as u32 {
                     tracker.open(header.cookie, event.state);
                 } else {
-                    tracker.close(header.cookie, event.state);
+                    tracker.close(header.cookie, event.state, event.frames);
                 }
             }
             Some(EventKind::Chunk) if bytes.len() >= size_of::<ChunkEvent>() => {
@@ -125,13 +125,18 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, tracker: &mut Tracker, kernel: 
                     if event.direction == 0 { Direction::Ingress } else { Direction::Egress };
                 let cookie = header.cookie;
                 let conns = &kernel.conns;
+                let data = &event.data[..len];
+                let lookup = || conns.get(&cookie, 0).ok();
                 let action =
-                    tracker.chunk(cookie, direction, event.offset, &event.data[..len], || {
-                        conns.get(&cookie, 0).ok()
-                    });
+                    tracker.chunk(cookie, direction, event.offset, data, header.ts_ns, lookup);
                 if let Some(action) = action {
                     apply(kernel, action);
                 }
+            }
+            Some(EventKind::Frame) if bytes.len() >= size_of::<FrameEvent>() => {
+                // SAFETY: as above, for `FrameEvent`.
+                let event: FrameEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                tracker.frame(header.cookie, &event);
             }
             _ => warn!(kind = header.kind, len = bytes.len(), "unknown kernel event ignored"),
         }
@@ -141,7 +146,11 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, tracker: &mut Tracker, kernel: 
 fn apply(kernel: &mut Kernel, action: KernelAction) {
     let result = match action {
         KernelAction::StopForwarding(cookie) => kernel.stop_forwarding.insert(cookie, 1, 0),
-        KernelAction::Untrack(cookie) => kernel.conns.remove(&cookie),
+        KernelAction::Untrack(cookie) => {
+            // Frames first: an entry there without one in CONNS would never be removed.
+            let _ = kernel.frames.remove(&cookie);
+            kernel.conns.remove(&cookie)
+        }
     };
     if let Err(error) = result {
         // The connection may have closed in between; nothing is lost.
@@ -152,14 +161,14 @@ fn apply(kernel: &mut Kernel, action: KernelAction) {
 /// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
 fn refresh(tracker: &mut Tracker, kernel: &mut Kernel, shared: &Shared) {
     let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
-    tracker.sync(entries);
+    let frames = &kernel.frames;
+    tracker.sync(entries, |cookie| frames.get(&cookie, 0).ok());
     let connections = tracker.refresh(crate::clock::monotonic_ns());
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let metrics = metrics::render(&metrics::Inputs {
         connections: &connections,
-        totals: tracker.totals(),
-        known: tracker.known_series(),
+        aggregates: tracker.aggregates(),
         events_lost: stats[stat::EVENTS_LOST as usize],
         untracked_map_full: stats[stat::CONNS_FULL as usize],
         last_refresh_unix_seconds: now_unix,

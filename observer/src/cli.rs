@@ -46,6 +46,10 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_STALL_AFTER", default_value = "10s", value_parser = duration)]
     pub stall_after: Duration,
 
+    /// A ping with no pong for this long counts as a missed pong.
+    #[arg(long, env = "OBSERVER_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub pong_timeout: Duration,
+
     /// How often verdicts and metrics are recomputed.
     #[arg(long, env = "OBSERVER_REFRESH", default_value = "1s", value_parser = duration)]
     pub refresh: Duration,
@@ -77,6 +81,7 @@ pub struct RunConfig {
     pub ports: Vec<u16>,
     pub metrics_addr: SocketAddr,
     pub thresholds: Thresholds,
+    pub pong_timeout: Duration,
     pub refresh: Duration,
     pub max_connections: u32,
     pub cgroup: Option<PathBuf>,
@@ -112,6 +117,7 @@ impl RunArgs {
             ports,
             metrics_addr: self.metrics_addr,
             thresholds: Thresholds { idle_after: self.idle_after, stall_after: self.stall_after },
+            pong_timeout: self.pong_timeout,
             refresh: self.refresh,
             max_connections: self.max_connections,
             cgroup: self.cgroup,
@@ -147,6 +153,7 @@ mod tests {
         assert_eq!(config.thresholds.idle_after, Duration::from_secs(60));
         assert_eq!(config.thresholds.stall_after, Duration::from_secs(10));
         assert_eq!(config.refresh, Duration::from_secs(1));
+        assert_eq!(config.pong_timeout, Duration::from_secs(10));
 
         let cli = Cli::try_parse_from(["observer", "run", "--port", "80", "--port", "81"]).unwrap();
         let Some(Command::Run(args)) = cli.command else { panic!("run expected") };

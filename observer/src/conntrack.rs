@@ -1,53 +1,41 @@
 //! The agent's table of connection ends: kernel state merged with what the agent learnt from
-//! events (handshakes), and the verdicts computed from it.
+//! events (handshakes, control frames), the verdicts computed from it, and the aggregates it
+//! feeds.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
 };
 
-use observer_common::{ConnState, Direction, Role, flags};
+use observer_common::{
+    ConnState, Direction, FrameEvent, Role, WsState, flags,
+    frame::{MESSAGE_SIZE_BUCKETS, Phase, kind, opcode},
+};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::{
-    handshake::{Handshake, Outcome, Upgrade},
+    handshake::{Handshake, Outcome as HandshakeOutcome, Upgrade},
+    metrics::{Aggregates, Outcome, SeriesKey, close_code_label, kernel_buckets},
     verdict::{Thresholds, Verdict, judge},
 };
 
 const AF_INET: u16 = 2;
-
-/// How a WebSocket connection end entered or left the table, for
-/// `websocket_connections_total{result}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Outcomes {
-    Accept,
-    Close,
-}
-
-impl Outcomes {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Accept => "accept",
-            Self::Close => "close",
-        }
-    }
-}
-
-/// `(server port, role)`: the label pair of every per-connection metric.
-pub type SeriesKey = (u16, &'static str);
+/// Label of each direction, by [`Direction`] discriminant.
+const DIRECTION_NAMES: [&str; 2] = ["in", "out"];
 
 /// A change the kernel side must make for the table to stay consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelAction {
-    /// The handshake is understood: stop copying the connection's bytes.
+    /// The start of the stream is understood: stop copying the connection's bytes.
     StopForwarding(u64),
     /// Not a WebSocket and not watched: stop tracking it altogether.
     Untrack(u64),
 }
 
 /// One connection end as `/connections` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionView {
     pub local_addr: String,
     pub remote_addr: String,
@@ -57,6 +45,8 @@ pub struct ConnectionView {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub websocket: bool,
+    /// `websocket`, `http`, `tls`, `h2` or `unknown`, from the first bytes.
+    pub protocol: String,
     pub state: Verdict,
     pub tcp_state: String,
     pub age_seconds: f64,
@@ -67,24 +57,85 @@ pub struct ConnectionView {
     pub recv_queue_bytes: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Request path of the upgrade, without its query string.
+    pub path: Option<String>,
+    pub subprotocol: Option<String>,
+    pub extensions: Option<String>,
+    /// Whether frames are being tracked in both directions.
+    pub frames_tracked: bool,
+    pub pings: u64,
+    pub pongs: u64,
+    pub pong_missed: u64,
+    pub last_pong_latency_seconds: Option<f64>,
+    pub last_frame_age_seconds: Option<f64>,
+    /// Code of the first close frame, either way.
+    pub close_code: Option<u16>,
     /// The kernel's socket cookie, unique on this host until reboot.
     pub cookie: u64,
+}
+
+/// Frame counts already added to the aggregates.
+#[derive(Debug, Default)]
+struct Baseline {
+    frames: [[u32; kind::COUNT]; 2],
+    sizes: [[u32; MESSAGE_SIZE_BUCKETS]; 2],
+    bytes: [u64; 2],
+    violations: [u32; 2],
+    lost: [u32; 2],
+}
+
+/// An unanswered ping.
+#[derive(Debug, Clone, Copy)]
+struct Ping {
+    at_ns: u64,
+    missed: bool,
 }
 
 #[derive(Debug)]
 struct Conn {
     state: ConnState,
+    frames: Option<WsState>,
+    baseline: Baseline,
     /// Present while the start of the stream is being examined.
     handshake: Option<Handshake>,
+    /// Time of the first request byte.
+    request_started_ns: u64,
     upgrade: Option<Upgrade>,
+    protocol: &'static str,
     verdict: Option<Verdict>,
     /// Counted in `websocket_connections_total{result="accept"}`.
     accepted: bool,
+    pings: u64,
+    pongs: u64,
+    pong_missed: u64,
+    last_pong_latency_ns: Option<u64>,
+    /// The oldest unanswered ping, by the direction the ping travelled.
+    outstanding: [Option<Ping>; 2],
+    /// Close frames seen, by direction.
+    close_frames: [bool; 2],
+    close_code: Option<u16>,
 }
 
 impl Conn {
     fn new(state: ConnState) -> Self {
-        Self { state, handshake: None, upgrade: None, verdict: None, accepted: false }
+        Self {
+            state,
+            frames: None,
+            baseline: Baseline::default(),
+            handshake: None,
+            request_started_ns: 0,
+            upgrade: None,
+            protocol: "unknown",
+            verdict: None,
+            accepted: false,
+            pings: 0,
+            pongs: 0,
+            pong_missed: 0,
+            last_pong_latency_ns: None,
+            outstanding: [None; 2],
+            close_frames: [false; 2],
+            close_code: None,
+        }
     }
 
     fn watched(&self) -> bool {
@@ -103,68 +154,109 @@ impl Conn {
     fn series(&self) -> SeriesKey {
         (server_port(&self.state), role_name(self.role()))
     }
+
+    fn request_direction(&self) -> Direction {
+        match self.role() {
+            Role::Server => Direction::Ingress,
+            Role::Client => Direction::Egress,
+        }
+    }
+
+    /// Both directions' frames are being followed.
+    fn frames_tracked(&self) -> bool {
+        self.frames.is_some_and(|ws| ws.dir.iter().all(|d| d.phase == Phase::Frames as u8))
+    }
+
+    /// Latest application data, by frames when they are tracked (pings and pongs are not data),
+    /// by bytes otherwise.
+    fn data_activity_ns(&self) -> Option<u64> {
+        let ws = self.frames.filter(|_| self.frames_tracked())?;
+        Some(ws.dir[0].last_data_ns.max(ws.dir[1].last_data_ns).max(self.state.established_ns))
+    }
 }
 
 /// The table itself.
 #[derive(Debug)]
 pub struct Tracker {
     thresholds: Thresholds,
+    pong_timeout_ns: u64,
     conns: HashMap<u64, Conn>,
-    totals: BTreeMap<(SeriesKey, Outcomes), u64>,
-    /// Every label pair ever reported, so gauges drop to zero instead of vanishing.
-    known: BTreeSet<SeriesKey>,
+    aggregates: Aggregates,
 }
 
 impl Tracker {
-    pub fn new(thresholds: Thresholds) -> Self {
-        Self { thresholds, conns: HashMap::new(), totals: BTreeMap::new(), known: BTreeSet::new() }
+    pub fn new(thresholds: Thresholds, pong_timeout: Duration) -> Self {
+        Self {
+            thresholds,
+            pong_timeout_ns: pong_timeout.as_nanos() as u64,
+            conns: HashMap::new(),
+            aggregates: Aggregates::default(),
+        }
     }
 
     /// A connection on a watched port was established.
     pub fn open(&mut self, cookie: u64, state: ConnState) {
         let conn = self.conns.entry(cookie).or_insert_with(|| Conn::new(state));
         conn.state = state;
-        Self::count_accept(&mut self.totals, &mut self.known, conn);
+        count_accept(&mut self.aggregates, conn);
     }
 
-    /// Bytes from the start of a connection's stream. `lookup` fetches the kernel's entry for a
-    /// connection the table does not hold yet.
+    /// Bytes from the start of a connection's stream, copied at `ts_ns`. `lookup` fetches the
+    /// kernel's entry for a connection the table does not hold yet.
     pub fn chunk(
         &mut self,
         cookie: u64,
         direction: Direction,
         offset: u32,
         data: &[u8],
+        ts_ns: u64,
         lookup: impl FnOnce() -> Option<ConnState>,
     ) -> Option<KernelAction> {
         let conn = match self.conns.entry(cookie) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Conn::new(lookup()?)),
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Conn::new(lookup()?)),
         };
         if conn.upgrade.is_some() {
             return None;
         }
-        let request_direction = match conn.role() {
-            Role::Server => Direction::Ingress,
-            Role::Client => Direction::Egress,
-        };
+        if conn.state.flags & flags::HTTP_CANDIDATE == 0 {
+            // A watched connection that is not HTTP: name it by its first bytes, and stop.
+            if offset == 0 {
+                conn.protocol = sniff(data);
+            }
+            return Some(KernelAction::StopForwarding(cookie));
+        }
+
+        let request = direction == conn.request_direction();
+        if request && offset == 0 {
+            conn.request_started_ns = ts_ns;
+        }
         let handshake = conn.handshake.get_or_insert_with(Handshake::default);
-        if direction == request_direction {
+        if request {
             handshake.push_request(offset, data);
         } else {
             handshake.push_response(offset, data);
         }
+        conn.protocol = "http";
         match handshake.outcome() {
-            Outcome::Pending => None,
-            Outcome::WebSocket(upgrade) => {
+            HandshakeOutcome::Pending => None,
+            HandshakeOutcome::WebSocket(upgrade) => {
                 conn.handshake = None;
                 conn.upgrade = Some(upgrade);
+                conn.protocol = "websocket";
+                if conn.request_started_ns != 0 {
+                    let seconds = ts_ns.saturating_sub(conn.request_started_ns) as f64 / 1e9;
+                    self.aggregates.handshake(server_port(&conn.state), seconds);
+                }
                 debug!(cookie, "WebSocket handshake seen");
-                Self::count_accept(&mut self.totals, &mut self.known, conn);
+                count_accept(&mut self.aggregates, conn);
                 Some(KernelAction::StopForwarding(cookie))
             }
-            Outcome::NotWebSocket(reason) => {
+            HandshakeOutcome::NotWebSocket(reason) => {
                 debug!(cookie, reason, "not a WebSocket");
+                if handshake.upgrade_requested() {
+                    self.aggregates.count(conn.series(), Outcome::Reject);
+                }
                 conn.handshake = None;
                 if conn.watched() {
                     Some(KernelAction::StopForwarding(cookie))
@@ -176,22 +268,73 @@ impl Tracker {
         }
     }
 
+    /// A ping, pong or close frame crossed a tracked connection.
+    pub fn frame(&mut self, cookie: u64, event: &FrameEvent) {
+        let Some(conn) = self.conns.get_mut(&cookie) else {
+            return;
+        };
+        let direction = usize::from(event.direction != 0);
+        let ts = event.header.ts_ns;
+        match event.opcode {
+            opcode::PING => {
+                conn.pings += 1;
+                conn.outstanding[direction].get_or_insert(Ping { at_ns: ts, missed: false });
+            }
+            opcode::PONG => {
+                conn.pongs += 1;
+                // A pong answers a ping that travelled the other way.
+                if let Some(ping) = conn.outstanding[1 - direction].take() {
+                    let latency = ts.saturating_sub(ping.at_ns);
+                    conn.last_pong_latency_ns = Some(latency);
+                    if conn.reported() {
+                        self.aggregates.pong(conn.series(), latency as f64 / 1e9);
+                    }
+                }
+            }
+            opcode::CLOSE => {
+                if conn.close_code.is_none() && conn.reported() {
+                    let initiator =
+                        if direction == Direction::Egress as usize { "local" } else { "peer" };
+                    let key = (conn.series(), close_code_label(event.close_code), initiator);
+                    *self.aggregates.closes.entry(key).or_default() += 1;
+                }
+                conn.close_code.get_or_insert(event.close_code);
+                conn.close_frames[direction] = true;
+            }
+            _ => {}
+        }
+    }
+
     /// A tracked connection reached `TCP_CLOSE`.
-    pub fn close(&mut self, cookie: u64, state: ConnState) {
+    pub fn close(&mut self, cookie: u64, state: ConnState, frames: WsState) {
         if let Some(mut conn) = self.conns.remove(&cookie) {
             conn.state = state;
-            self.count_close(&conn);
+            if frames != WsState::default() {
+                conn.frames = Some(frames);
+            }
+            self.finish(conn);
         }
     }
 
     /// Brings the table in line with the kernel's entries: refreshes counters, adopts watched
     /// connections whose open event was lost, and closes those whose close event was lost.
-    pub fn sync(&mut self, entries: impl IntoIterator<Item = (u64, ConnState)>) {
+    /// `frames` fetches a WebSocket connection's frame tracking.
+    pub fn sync(
+        &mut self,
+        entries: impl IntoIterator<Item = (u64, ConnState)>,
+        frames: impl Fn(u64) -> Option<WsState>,
+    ) {
         let mut seen = BTreeSet::new();
         for (cookie, state) in entries {
             seen.insert(cookie);
             match self.conns.get_mut(&cookie) {
-                Some(conn) => conn.state = state,
+                Some(conn) => {
+                    conn.state = state;
+                    if conn.upgrade.is_some() {
+                        conn.frames = frames(cookie).or(conn.frames);
+                        take_frame_counts(&mut self.aggregates, conn);
+                    }
+                }
                 None if state.flags & flags::WATCHED != 0 => self.open(cookie, state),
                 None => {}
             }
@@ -199,20 +342,28 @@ impl Tracker {
         let gone: Vec<u64> = self.conns.keys().filter(|c| !seen.contains(c)).copied().collect();
         for cookie in gone {
             if let Some(conn) = self.conns.remove(&cookie) {
-                self.count_close(&conn);
+                self.finish(conn);
             }
         }
     }
 
-    /// Recomputes every verdict at `now_ns`, logs the changes, and returns the reported
-    /// connection ends, worst first.
+    /// Recomputes every verdict at `now_ns`, counts pings whose pong is overdue, logs verdict
+    /// changes, and returns the reported connection ends, worst first.
     pub fn refresh(&mut self, now_ns: u64) -> Vec<ConnectionView> {
         let mut views = Vec::new();
         for (&cookie, conn) in &mut self.conns {
             if !conn.reported() {
                 continue;
             }
-            let verdict = judge(&conn.state, now_ns, &self.thresholds);
+            let series = conn.series();
+            for ping in conn.outstanding.iter_mut().flatten() {
+                if !ping.missed && now_ns.saturating_sub(ping.at_ns) >= self.pong_timeout_ns {
+                    ping.missed = true;
+                    conn.pong_missed += 1;
+                    *self.aggregates.pong_missed.entry(series).or_default() += 1;
+                }
+            }
+            let verdict = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
             let view = view(cookie, conn, verdict, now_ns);
             if conn.verdict != Some(verdict) {
                 info!(
@@ -236,12 +387,8 @@ impl Tracker {
         views
     }
 
-    pub fn totals(&self) -> &BTreeMap<(SeriesKey, Outcomes), u64> {
-        &self.totals
-    }
-
-    pub fn known_series(&self) -> &BTreeSet<SeriesKey> {
-        &self.known
+    pub fn aggregates(&self) -> &Aggregates {
+        &self.aggregates
     }
 
     /// Connection ends in the table, reported or still being classified.
@@ -249,24 +396,81 @@ impl Tracker {
         self.conns.len()
     }
 
-    fn count_accept(
-        totals: &mut BTreeMap<(SeriesKey, Outcomes), u64>,
-        known: &mut BTreeSet<SeriesKey>,
-        conn: &mut Conn,
-    ) {
-        if conn.accepted || !conn.reported() {
-            return;
-        }
-        conn.accepted = true;
-        let key = conn.series();
-        known.insert(key);
-        *totals.entry((key, Outcomes::Accept)).or_default() += 1;
-    }
-
-    fn count_close(&mut self, conn: &Conn) {
+    /// Accounts for a connection that ended.
+    fn finish(&mut self, mut conn: Conn) {
+        take_frame_counts(&mut self.aggregates, &mut conn);
         if conn.accepted {
-            *self.totals.entry((conn.series(), Outcomes::Close)).or_default() += 1;
+            let outcome =
+                if conn.close_frames == [true, true] { Outcome::Close } else { Outcome::Abort };
+            self.aggregates.count(conn.series(), outcome);
+        } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
+            // Closed while the upgrade waited for its answer.
+            self.aggregates.count(conn.series(), Outcome::Reject);
         }
+    }
+}
+
+fn count_accept(aggregates: &mut Aggregates, conn: &mut Conn) {
+    if conn.accepted || !conn.reported() {
+        return;
+    }
+    conn.accepted = true;
+    aggregates.count(conn.series(), Outcome::Accept);
+}
+
+/// Adds what the kernel counted since the last call to the aggregates.
+fn take_frame_counts(aggregates: &mut Aggregates, conn: &mut Conn) {
+    let Some(ws) = conn.frames else {
+        return;
+    };
+    let series = conn.series();
+    for (d, stream) in ws.dir.iter().enumerate() {
+        let base = &mut conn.baseline;
+        for (k, &n) in stream.frames.iter().enumerate() {
+            let delta = n.wrapping_sub(base.frames[d][k]);
+            if delta > 0 {
+                *aggregates.messages.entry((series, DIRECTION_NAMES[d], k)).or_default() +=
+                    u64::from(delta);
+            }
+        }
+        base.frames[d] = stream.frames;
+
+        let mut sizes = [0u32; MESSAGE_SIZE_BUCKETS];
+        for (i, slot) in sizes.iter_mut().enumerate() {
+            *slot = stream.message_sizes[i].wrapping_sub(base.sizes[d][i]);
+        }
+        if sizes.iter().any(|&n| n > 0) {
+            let bytes = stream.message_bytes_total.wrapping_sub(base.bytes[d]);
+            aggregates
+                .message_sizes(series.0, DIRECTION_NAMES[d])
+                .add_bucketed(&kernel_buckets(&sizes), bytes as f64);
+        }
+        base.sizes[d] = stream.message_sizes;
+        base.bytes[d] = stream.message_bytes_total;
+
+        let violations = stream.violations.wrapping_sub(base.violations[d]);
+        if violations > 0 {
+            *aggregates.violations.entry(series).or_default() += u64::from(violations);
+        }
+        base.violations[d] = stream.violations;
+        aggregates.tracking_lost += u64::from(stream.lost.wrapping_sub(base.lost[d]));
+        base.lost[d] = stream.lost;
+    }
+}
+
+/// Names a protocol from the first bytes a client sent.
+pub fn sniff(first: &[u8]) -> &'static str {
+    if first.starts_with(&[0x16, 0x03]) {
+        "tls"
+    } else if first.starts_with(b"PRI * HTTP/2.0") {
+        "h2"
+    } else if [&b"GET "[..], b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS "]
+        .iter()
+        .any(|m| first.starts_with(m))
+    {
+        "http"
+    } else {
+        "unknown"
     }
 }
 
@@ -277,6 +481,9 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         let end = s.comm.iter().position(|&b| b == 0).unwrap_or(s.comm.len());
         (end > 0).then(|| String::from_utf8_lossy(&s.comm[..end]).into_owned())
     };
+    let last_frame =
+        conn.frames.map_or(0, |ws| ws.dir[0].last_frame_ns.max(ws.dir[1].last_frame_ns));
+    let upgrade = conn.upgrade.as_ref();
     ConnectionView {
         local_addr: socket_addr(s.family, &s.local_addr, s.local_port).to_string(),
         remote_addr: socket_addr(s.family, &s.remote_addr, s.remote_port).to_string(),
@@ -284,7 +491,8 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         port: server_port(s),
         pid: (s.pid != 0).then_some(s.pid),
         comm,
-        websocket: conn.upgrade.is_some(),
+        websocket: upgrade.is_some(),
+        protocol: conn.protocol.to_owned(),
         state: verdict,
         tcp_state: tcp_state_name(s.tcp_state).to_owned(),
         age_seconds: seconds(now_ns.saturating_sub(s.established_ns)),
@@ -295,12 +503,22 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         recv_queue_bytes: s.recv_queue(),
         bytes_sent: s.bytes_written,
         bytes_received: s.bytes_received(),
+        path: upgrade.map(|u| u.path.split('?').next().unwrap_or_default().to_owned()),
+        subprotocol: upgrade.and_then(|u| u.subprotocol.clone()),
+        extensions: upgrade.and_then(|u| u.extensions.clone()),
+        frames_tracked: conn.frames_tracked(),
+        pings: conn.pings,
+        pongs: conn.pongs,
+        pong_missed: conn.pong_missed,
+        last_pong_latency_seconds: conn.last_pong_latency_ns.map(seconds),
+        last_frame_age_seconds: age(last_frame),
+        close_code: conn.close_code,
         cookie,
     }
 }
 
 fn seconds(ns: u64) -> f64 {
-    (ns / 1_000_000) as f64 / 1000.0
+    (ns / 1_000) as f64 / 1e6
 }
 
 /// The server port of a connection end: local for the server, remote for the client.
@@ -349,21 +567,24 @@ pub const fn tcp_state_name(state: u8) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use observer_common::EventHeader;
 
     use super::*;
 
     const S: u64 = 1_000_000_000;
     const REQUEST: &[u8] =
-        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nCookie: secret\r\n\r\n";
+        b"GET /ws?token=secret HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nCookie: c\r\n\r\n";
     const RESPONSE: &[u8] =
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
 
     fn tracker() -> Tracker {
-        Tracker::new(Thresholds {
-            idle_after: Duration::from_secs(60),
-            stall_after: Duration::from_secs(10),
-        })
+        Tracker::new(
+            Thresholds {
+                idle_after: Duration::from_secs(60),
+                stall_after: Duration::from_secs(10),
+            },
+            Duration::from_secs(10),
+        )
     }
 
     fn server(port: u16, watched: bool) -> ConnState {
@@ -376,8 +597,25 @@ mod tests {
             local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             remote_addr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             tcp_state: 1,
-            flags: if watched { flags::WATCHED } else { 0 },
+            flags: flags::HTTP_CANDIDATE | if watched { flags::WATCHED } else { 0 },
             ..ConnState::default()
+        }
+    }
+
+    fn upgraded(t: &mut Tracker, cookie: u64, state: ConnState) {
+        t.chunk(cookie, Direction::Ingress, 0, REQUEST, S, || Some(state));
+        let action = t.chunk(cookie, Direction::Egress, 0, RESPONSE, S + S / 100, || None);
+        assert_eq!(action, Some(KernelAction::StopForwarding(cookie)));
+    }
+
+    fn control(direction: Direction, op: u8, ts_ns: u64, close_code: u16) -> FrameEvent {
+        FrameEvent {
+            header: EventHeader { ts_ns, ..EventHeader::default() },
+            opcode: op,
+            direction: direction as u8,
+            close_code,
+            fin: 1,
+            ..FrameEvent::default()
         }
     }
 
@@ -385,19 +623,20 @@ mod tests {
     fn handshake_makes_a_connection_reported_and_counted() {
         let mut t = tracker();
         let s = server(8080, false);
-        let action = t.chunk(7, Direction::Ingress, 0, REQUEST, || Some(s));
-        assert_eq!(action, None);
+        assert_eq!(t.chunk(7, Direction::Ingress, 0, REQUEST, S, || Some(s)), None);
         assert!(t.refresh(2 * S).is_empty(), "not reported before the 101");
-        let action = t.chunk(7, Direction::Egress, 0, RESPONSE, || unreachable!());
-        assert_eq!(action, Some(KernelAction::StopForwarding(7)));
+        t.chunk(7, Direction::Egress, 0, RESPONSE, S + S / 100, || unreachable!());
         let views = t.refresh(2 * S);
         assert_eq!(views.len(), 1);
         assert!(views[0].websocket);
+        assert_eq!(views[0].protocol, "websocket");
+        assert_eq!(views[0].path.as_deref(), Some("/ws"), "query string dropped");
         assert_eq!(views[0].local_addr, "127.0.0.1:8080");
-        assert_eq!(views[0].port, 8080);
-        assert_eq!(t.totals()[&((8080, "server"), Outcomes::Accept)], 1);
-        t.close(7, s);
-        assert_eq!(t.totals()[&((8080, "server"), Outcomes::Close)], 1);
+        let agg = t.aggregates();
+        assert_eq!(agg.connections[&((8080, "server"), Outcome::Accept)], 1);
+        assert_eq!(agg.handshake[&8080].count(), 1);
+        t.close(7, s, WsState::default());
+        assert_eq!(t.aggregates().connections[&((8080, "server"), Outcome::Abort)], 1);
         assert!(t.refresh(3 * S).is_empty());
     }
 
@@ -405,10 +644,28 @@ mod tests {
     fn plain_http_is_untracked_and_never_reported() {
         let mut t = tracker();
         let s = server(8080, false);
-        let action = t.chunk(9, Direction::Ingress, 0, b"GET / HTTP/1.1\r\n\r\n", || Some(s));
+        let action = t.chunk(9, Direction::Ingress, 0, b"GET / HTTP/1.1\r\n\r\n", S, || Some(s));
         assert_eq!(action, Some(KernelAction::Untrack(9)));
         assert_eq!(t.len(), 0);
-        assert!(t.totals().is_empty());
+        assert!(t.aggregates().connections.is_empty());
+    }
+
+    #[test]
+    fn refused_upgrade_counts_a_reject() {
+        let mut t = tracker();
+        let s = server(8080, false);
+        t.chunk(9, Direction::Ingress, 0, REQUEST, S, || Some(s));
+        let refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            t.chunk(9, Direction::Egress, 0, refusal, S, || None),
+            Some(KernelAction::Untrack(9))
+        );
+        assert_eq!(t.aggregates().connections[&((8080, "server"), Outcome::Reject)], 1);
+
+        // Closed before any answer.
+        t.chunk(10, Direction::Ingress, 0, REQUEST, S, || Some(s));
+        t.close(10, s, WsState::default());
+        assert_eq!(t.aggregates().connections[&((8080, "server"), Outcome::Reject)], 2);
     }
 
     #[test]
@@ -418,22 +675,92 @@ mod tests {
         c.role = Role::Client as u8;
         c.local_port = 50000;
         c.remote_port = 8080;
-        t.chunk(5, Direction::Egress, 0, REQUEST, || Some(c));
-        t.chunk(5, Direction::Ingress, 0, RESPONSE, || None);
+        t.chunk(5, Direction::Egress, 0, REQUEST, S, || Some(c));
+        t.chunk(5, Direction::Ingress, 0, RESPONSE, S, || None);
         let views = t.refresh(2 * S);
         assert_eq!((views[0].role.as_str(), views[0].port), ("client", 8080));
     }
 
     #[test]
-    fn watched_port_is_reported_without_handshake_and_sync_closes_lost_ones() {
+    fn watched_port_is_reported_without_handshake_and_named_by_its_first_bytes() {
         let mut t = tracker();
-        t.sync([(1, server(9000, true)), (2, server(9001, false))]);
+        let mut tls = server(9000, true);
+        tls.flags = flags::WATCHED;
+        t.sync([(1, tls), (2, server(9001, false))], |_| None);
+        let hello = [0x16, 0x03, 0x01, 0x02, 0x00];
+        assert_eq!(
+            t.chunk(1, Direction::Ingress, 0, &hello, S, || None),
+            Some(KernelAction::StopForwarding(1))
+        );
         let views = t.refresh(2 * S);
         assert_eq!(views.len(), 1);
         assert!(!views[0].websocket);
-        t.sync([]);
-        assert_eq!(t.totals()[&((9000, "server"), Outcomes::Close)], 1);
-        assert!(t.known_series().contains(&(9000, "server")));
+        assert_eq!(views[0].protocol, "tls");
+        t.sync([], |_| None);
+        assert_eq!(t.aggregates().connections[&((9000, "server"), Outcome::Abort)], 1);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), "h2");
+    }
+
+    #[test]
+    fn pings_pair_with_pongs_and_overdue_ones_are_missed_once() {
+        let mut t = tracker();
+        upgraded(&mut t, 3, server(8080, false));
+        // The server pings at 10 s; the pong comes back 2 ms later.
+        t.frame(3, &control(Direction::Egress, opcode::PING, 10 * S, 0));
+        t.frame(3, &control(Direction::Ingress, opcode::PONG, 10 * S + 2_000_000, 0));
+        // The client pings at 20 s and the server never answers.
+        t.frame(3, &control(Direction::Ingress, opcode::PING, 20 * S, 0));
+        assert_eq!(t.refresh(29 * S)[0].pong_missed, 0);
+        assert_eq!(t.refresh(30 * S)[0].pong_missed, 1);
+        let view = &t.refresh(45 * S)[0];
+        assert_eq!((view.pings, view.pongs, view.pong_missed), (2, 1, 1));
+        assert_eq!(view.last_pong_latency_seconds, Some(0.002));
+        let agg = t.aggregates();
+        assert_eq!(agg.pong_missed[&(8080, "server")], 1);
+        assert_eq!(agg.pong_latency[&(8080, "server")].count(), 1);
+    }
+
+    #[test]
+    fn close_frames_both_ways_make_a_clean_close() {
+        let mut t = tracker();
+        upgraded(&mut t, 4, server(8080, false));
+        t.frame(4, &control(Direction::Ingress, opcode::CLOSE, 5 * S, 1001));
+        t.frame(4, &control(Direction::Egress, opcode::CLOSE, 5 * S, 1001));
+        assert_eq!(t.refresh(6 * S)[0].close_code, Some(1001));
+        t.close(4, server(8080, false), WsState::default());
+        let agg = t.aggregates();
+        assert_eq!(agg.closes[&((8080, "server"), "1001".to_owned(), "peer")], 1);
+        assert_eq!(agg.connections[&((8080, "server"), Outcome::Close)], 1);
+    }
+
+    #[test]
+    fn kernel_frame_counts_become_deltas_and_data_frames_drive_activity() {
+        let mut t = tracker();
+        let s = server(8080, false);
+        upgraded(&mut t, 6, s);
+        let mut ws = WsState::default();
+        for d in &mut ws.dir {
+            d.phase = Phase::Frames as u8;
+        }
+        ws.dir[0].frames[kind::TEXT] = 5;
+        ws.dir[0].message_sizes[0] = 5;
+        ws.dir[0].message_bytes_total = 50;
+        ws.dir[0].last_data_ns = 2 * S;
+        ws.dir[1].frames[kind::PING] = 9;
+        ws.dir[1].last_frame_ns = 100 * S;
+        t.sync([(6, s)], |_| Some(ws));
+        t.sync([(6, s)], |_| Some(ws));
+        ws.dir[0].frames[kind::TEXT] = 7;
+        t.sync([(6, s)], |_| Some(ws));
+        let agg = t.aggregates();
+        assert_eq!(agg.messages[&((8080, "server"), "in", kind::TEXT)], 7);
+        assert_eq!(agg.messages[&((8080, "server"), "out", kind::PING)], 9);
+        assert_eq!(agg.message_sizes[&(8080, "in")].count(), 5);
+        // Only pings for 98 s: idle at the application level, with the heartbeat visible.
+        let view = &t.refresh(100 * S)[0];
+        assert_eq!(view.state, Verdict::Idle);
+        assert!(view.frames_tracked);
+        assert_eq!(view.last_frame_age_seconds, Some(0.0));
     }
 
     #[test]

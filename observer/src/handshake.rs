@@ -82,6 +82,11 @@ impl Handshake {
         self.response.push(offset, data);
     }
 
+    /// Whether the request asked for a WebSocket upgrade.
+    pub fn upgrade_requested(&self) -> bool {
+        self.parsed_request.is_some()
+    }
+
     /// Parses what has arrived so far.
     pub fn outcome(&mut self) -> Outcome {
         if self.parsed_request.is_none() {

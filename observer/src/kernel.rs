@@ -14,7 +14,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
 };
-use observer_common::{ConnState, stat};
+use observer_common::{ConnState, WsState, stat};
 use tracing::{debug, info, warn};
 
 /// The compiled kernel programs, built by `build.rs`.
@@ -72,6 +72,7 @@ pub struct Kernel {
     /// Keeps the programs and their links alive.
     _ebpf: Ebpf,
     pub conns: HashMap<MapData, u64, ConnState>,
+    pub frames: HashMap<MapData, u64, WsState>,
     pub stop_forwarding: HashMap<MapData, u64, u8>,
     pub stats: PerCpuArray<MapData, u64>,
     /// Taken by the event loop.
@@ -93,6 +94,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CONNS", config.max_connections)
             .map_max_entries("STOP_FWD", config.max_connections)
+            .map_max_entries("FRAMES", config.max_connections)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
 
@@ -151,6 +153,7 @@ impl Kernel {
 
         Ok(Self {
             conns: take_map(&mut ebpf, "CONNS")?,
+            frames: take_map(&mut ebpf, "FRAMES")?,
             stop_forwarding: take_map(&mut ebpf, "STOP_FWD")?,
             stats: take_map(&mut ebpf, "STATS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),

@@ -1,24 +1,163 @@
-//! Every metric observer exports, rendered in the Prometheus text format.
+//! Every metric observer exports: the aggregates the table feeds, and their rendering in the
+//! Prometheus text format.
 //!
-//! Names follow `prefix_name_unit[_total]`; labels are only the server `port`, the `role`, the
-//! verdict `state` and the `result`, so the number of series is bounded by the ports watched, never
-//! by connections, processes or addresses.
+//! Names follow `prefix_name_unit[_total]`. Labels are the server `port`, the `role`, the frame
+//! `direction` (`in` to the socket, `out` of it) and `opcode`, the verdict `state`, the `result`,
+//! and the close `code` (exact for the codes RFC 6455 defines, grouped by range otherwise) with
+//! its `initiator`: the number of series is bounded by the ports seen, never by connections,
+//! processes, addresses or anything a peer sends.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
+    fmt::{Display, Write as _},
 };
 
-use crate::{
-    conntrack::{ConnectionView, Outcomes, SeriesKey},
-    verdict::Verdict,
+use observer_common::frame::{MESSAGE_SIZE_BOUNDS, MESSAGE_SIZE_BUCKETS, kind};
+
+use crate::{conntrack::ConnectionView, verdict::Verdict};
+
+/// `(server port, role)`.
+pub type SeriesKey = (u16, &'static str);
+
+/// How a connection end's WebSocket life went, for `websocket_connections_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// The upgrade was answered with 101 (or the connection opened on a watched port).
+    Accept,
+    /// The upgrade was answered with another status, or the connection closed before an answer.
+    Reject,
+    /// TCP ended after close frames went both ways.
+    Close,
+    /// TCP ended (FIN or RST) without a completed closing handshake.
+    Abort,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Reject => "reject",
+            Self::Close => "close",
+            Self::Abort => "abort",
+        }
+    }
+}
+
+/// Bucket bounds of `websocket_handshake_duration_seconds`: 1 ms to 10 s.
+pub const HANDSHAKE_BUCKETS: [f64; 13] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Bucket bounds of `websocket_pong_latency_seconds`: 100 µs to 10 s.
+pub const PONG_BUCKETS: [f64; 12] =
+    [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0];
+
+/// A cumulative histogram with fixed bounds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per-bucket (not cumulative) counts; the last one is `+Inf`.
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0 }
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        let i = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
+        self.counts[i] += 1;
+        self.sum += value;
+    }
+
+    /// Adds `n` observations already bucketed by the same bounds, summing to `sum`.
+    pub fn add_bucketed(&mut self, counts: &[u64], sum: f64) {
+        for (mine, n) in self.counts.iter_mut().zip(counts) {
+            *mine += n;
+        }
+        self.sum += sum;
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Byte bounds of `websocket_message_size_bytes`, as the kernel buckets them.
+static MESSAGE_BOUNDS: [f64; MESSAGE_SIZE_BOUNDS.len()] = {
+    let mut out = [0.0; MESSAGE_SIZE_BOUNDS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = MESSAGE_SIZE_BOUNDS[i] as f64;
+        i += 1;
+    }
+    out
 };
 
-/// What one rendering needs.
+/// The label value of a close status code: exact for codes RFC 6455 defines or registers,
+/// grouped for the ranges left to libraries and applications, `invalid` otherwise.
+pub fn close_code_label(code: u16) -> String {
+    match code {
+        1000..=1015 => code.to_string(),
+        3000..=3999 => "3xxx".into(),
+        4000..=4999 => "4xxx".into(),
+        _ => "invalid".into(),
+    }
+}
+
+/// Counters and histograms accumulated over the agent's life.
+#[derive(Debug, Default)]
+pub struct Aggregates {
+    /// Every `(port, role)` ever reported, so gauges drop to zero instead of vanishing.
+    pub known: BTreeSet<SeriesKey>,
+    pub connections: BTreeMap<(SeriesKey, Outcome), u64>,
+    /// `((port, role), direction, frame kind)`.
+    pub messages: BTreeMap<(SeriesKey, &'static str, usize), u64>,
+    /// `(port, direction)`.
+    pub message_sizes: BTreeMap<(u16, &'static str), Histogram>,
+    pub handshake: BTreeMap<u16, Histogram>,
+    pub pong_latency: BTreeMap<SeriesKey, Histogram>,
+    pub pong_missed: BTreeMap<SeriesKey, u64>,
+    /// `((port, role), code label, initiator)`.
+    pub closes: BTreeMap<(SeriesKey, String, &'static str), u64>,
+    pub violations: BTreeMap<SeriesKey, u64>,
+    /// Times frame tracking of a direction was lost.
+    pub tracking_lost: u64,
+}
+
+impl Aggregates {
+    pub fn count(&mut self, key: SeriesKey, outcome: Outcome) {
+        self.known.insert(key);
+        *self.connections.entry((key, outcome)).or_default() += 1;
+    }
+
+    pub fn handshake(&mut self, port: u16, seconds: f64) {
+        self.handshake
+            .entry(port)
+            .or_insert_with(|| Histogram::new(&HANDSHAKE_BUCKETS))
+            .observe(seconds);
+    }
+
+    pub fn pong(&mut self, key: SeriesKey, seconds: f64) {
+        self.pong_latency
+            .entry(key)
+            .or_insert_with(|| Histogram::new(&PONG_BUCKETS))
+            .observe(seconds);
+    }
+
+    pub fn message_sizes(&mut self, port: u16, direction: &'static str) -> &mut Histogram {
+        self.message_sizes
+            .entry((port, direction))
+            .or_insert_with(|| Histogram::new(&MESSAGE_BOUNDS))
+    }
+}
+
+/// What one rendering needs besides the aggregates.
 pub struct Inputs<'a> {
     pub connections: &'a [ConnectionView],
-    pub totals: &'a BTreeMap<(SeriesKey, Outcomes), u64>,
-    pub known: &'a BTreeSet<SeriesKey>,
+    pub aggregates: &'a Aggregates,
     pub events_lost: u64,
     pub untracked_map_full: u64,
     pub last_refresh_unix_seconds: f64,
@@ -32,10 +171,13 @@ struct PerSeries {
     recv_queue: u64,
 }
 
+type Labels<'a> = [(&'a str, &'a dyn Display)];
+
 /// Renders the whole exposition.
 pub fn render(inputs: &Inputs<'_>) -> String {
+    let agg = inputs.aggregates;
     let mut series: BTreeMap<SeriesKey, PerSeries> =
-        inputs.known.iter().map(|&k| (k, PerSeries::default())).collect();
+        agg.known.iter().map(|&k| (k, PerSeries::default())).collect();
     for c in inputs.connections {
         let role: &'static str = if c.role == "client" { "client" } else { "server" };
         let s = series.entry((c.port, role)).or_default();
@@ -45,139 +187,226 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         s.recv_queue += c.recv_queue_bytes;
     }
 
-    let mut out = String::with_capacity(4096);
-    header(&mut out, "websocket_connections_active", "gauge", "Open WebSocket connection ends.");
+    let mut out = String::with_capacity(8192);
+    let o = &mut out;
+
+    family(o, "websocket_connections_active", "gauge", "Open WebSocket connection ends.");
     for ((port, role), s) in &series {
-        sample(&mut out, "websocket_connections_active", &[("port", port), ("role", role)], s.open);
+        sample(o, "websocket_connections_active", &[("port", port), ("role", role)], s.open);
     }
 
-    header(
-        &mut out,
+    family(
+        o,
         "websocket_connections_total",
         "counter",
-        "WebSocket connection ends seen opening (accept) and closing (close).",
+        "WebSocket connection ends by how they started (accept, reject) and ended (close, abort).",
     );
-    for (((port, role), outcome), n) in inputs.totals {
-        let labels = [("port", &port.to_string() as &dyn std::fmt::Display), ("role", role)];
-        sample_dyn(&mut out, "websocket_connections_total", &labels, outcome.as_str(), *n);
+    for (((port, role), outcome), n) in &agg.connections {
+        let labels: &Labels = &[("port", port), ("role", role), ("result", &outcome.as_str())];
+        sample(o, "websocket_connections_total", labels, *n);
     }
 
-    header(
-        &mut out,
+    family(
+        o,
         "websocket_connections_by_state",
         "gauge",
         "Open WebSocket connection ends by liveness verdict.",
     );
     for ((port, role), s) in &series {
         for (i, verdict) in Verdict::ALL.iter().enumerate() {
-            let labels: [(&str, &dyn std::fmt::Display); 3] =
-                [("port", port), ("role", role), ("state", verdict)];
-            sample(&mut out, "websocket_connections_by_state", &labels, s.by_state[i]);
+            let labels: &Labels = &[("port", port), ("role", role), ("state", verdict)];
+            sample(o, "websocket_connections_by_state", labels, s.by_state[i]);
         }
     }
 
-    header(
-        &mut out,
+    family(
+        o,
         "websocket_buffered_amount_bytes",
         "gauge",
         "Bytes written by applications and not yet acknowledged by the peer, summed.",
     );
     for ((port, role), s) in &series {
-        let labels: [(&str, &dyn std::fmt::Display); 2] = [("port", port), ("role", role)];
-        sample(&mut out, "websocket_buffered_amount_bytes", &labels, s.send_queue);
+        sample(
+            o,
+            "websocket_buffered_amount_bytes",
+            &[("port", port), ("role", role)],
+            s.send_queue,
+        );
     }
 
-    header(
-        &mut out,
+    family(
+        o,
         "websocket_receive_queue_bytes",
         "gauge",
         "Bytes received from the peer and not yet read by the application, summed.",
     );
     for ((port, role), s) in &series {
-        let labels: [(&str, &dyn std::fmt::Display); 2] = [("port", port), ("role", role)];
-        sample(&mut out, "websocket_receive_queue_bytes", &labels, s.recv_queue);
+        sample(o, "websocket_receive_queue_bytes", &[("port", port), ("role", role)], s.recv_queue);
     }
 
-    header(&mut out, "observer_build_info", "gauge", "Build of the running agent.");
-    let version: &dyn std::fmt::Display = &env!("CARGO_PKG_VERSION");
-    sample(&mut out, "observer_build_info", &[("version", version)], 1);
+    family(
+        o,
+        "websocket_handshake_duration_seconds",
+        "histogram",
+        "Time from the first byte of the upgrade request to the end of the response headers.",
+    );
+    for (port, h) in &agg.handshake {
+        histogram(o, "websocket_handshake_duration_seconds", &[("port", port)], h);
+    }
 
-    header(
-        &mut out,
+    family(
+        o,
+        "websocket_messages_total",
+        "counter",
+        "WebSocket frames by direction (in to the socket, out of it) and opcode.",
+    );
+    for (((port, role), direction, k), n) in &agg.messages {
+        let opcode = kind::NAMES[*k];
+        let labels: &Labels =
+            &[("port", port), ("role", role), ("direction", direction), ("opcode", &opcode)];
+        sample(o, "websocket_messages_total", labels, *n);
+    }
+
+    family(
+        o,
+        "websocket_message_size_bytes",
+        "histogram",
+        "Sizes of whole data messages (all their fragments), by direction.",
+    );
+    for ((port, direction), h) in &agg.message_sizes {
+        histogram(
+            o,
+            "websocket_message_size_bytes",
+            &[("port", port), ("direction", direction)],
+            h,
+        );
+    }
+
+    family(
+        o,
+        "websocket_pong_latency_seconds",
+        "histogram",
+        "Time from a ping to its pong, for pings in either direction.",
+    );
+    for ((port, role), h) in &agg.pong_latency {
+        histogram(o, "websocket_pong_latency_seconds", &[("port", port), ("role", role)], h);
+    }
+
+    family(
+        o,
+        "websocket_pong_missed_total",
+        "counter",
+        "Pings left unanswered for the pong timeout.",
+    );
+    for ((port, role), n) in &agg.pong_missed {
+        sample(o, "websocket_pong_missed_total", &[("port", port), ("role", role)], *n);
+    }
+
+    family(
+        o,
+        "websocket_close_total",
+        "counter",
+        "Closing handshakes by the first close frame's code and who sent it (local or peer).",
+    );
+    for (((port, role), code, initiator), n) in &agg.closes {
+        let labels: &Labels =
+            &[("port", port), ("role", role), ("code", code), ("initiator", initiator)];
+        sample(o, "websocket_close_total", labels, *n);
+    }
+
+    family(
+        o,
+        "websocket_protocol_violations_total",
+        "counter",
+        "Frames breaking RFC 6455 framing rules (reserved opcode, bad masking, fragmented control).",
+    );
+    for ((port, role), n) in &agg.violations {
+        sample(o, "websocket_protocol_violations_total", &[("port", port), ("role", role)], *n);
+    }
+
+    family(o, "observer_build_info", "gauge", "Build of the running agent.");
+    sample(o, "observer_build_info", &[("version", &env!("CARGO_PKG_VERSION"))], 1);
+
+    family(
+        o,
         "observer_events_lost_total",
         "counter",
         "Kernel events dropped because the ring buffer was full.",
     );
-    sample(&mut out, "observer_events_lost_total", &[], inputs.events_lost);
+    sample(o, "observer_events_lost_total", &[], inputs.events_lost);
 
-    header(
-        &mut out,
+    family(
+        o,
         "observer_untracked_connections_total",
         "counter",
         "TCP connections not tracked because the connection map was full.",
     );
-    sample(&mut out, "observer_untracked_connections_total", &[], inputs.untracked_map_full);
+    sample(o, "observer_untracked_connections_total", &[], inputs.untracked_map_full);
 
-    header(
-        &mut out,
+    family(
+        o,
+        "observer_frame_tracking_lost_total",
+        "counter",
+        "Stream directions whose frame boundaries were lost (bytes the kernel never saw).",
+    );
+    sample(o, "observer_frame_tracking_lost_total", &[], agg.tracking_lost);
+
+    family(
+        o,
         "observer_last_refresh_timestamp_seconds",
         "gauge",
         "Unix time of the last completed refresh of all verdicts.",
     );
     let _ = writeln!(
-        out,
+        o,
         "observer_last_refresh_timestamp_seconds {:.3}",
         inputs.last_refresh_unix_seconds
     );
     out
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &dyn std::fmt::Display)], value: u64) {
+fn sample(out: &mut String, name: &str, labels: &Labels, value: u64) {
     out.push_str(name);
     write_labels(out, labels, None);
     let _ = writeln!(out, " {value}");
 }
 
-/// A sample with a trailing `result` label.
-fn sample_dyn(
-    out: &mut String,
-    name: &str,
-    labels: &[(&str, &dyn std::fmt::Display)],
-    result: &str,
-    value: u64,
-) {
-    out.push_str(name);
-    write_labels(out, labels, Some(("result", result)));
-    let _ = writeln!(out, " {value}");
+fn histogram(out: &mut String, name: &str, labels: &Labels, h: &Histogram) {
+    let mut cumulative = 0;
+    for (i, n) in h.counts.iter().enumerate() {
+        cumulative += n;
+        let le = h.bounds.get(i).map_or("+Inf".to_owned(), |b| format!("{b}"));
+        let _ = write!(out, "{name}_bucket");
+        write_labels(out, labels, Some(&le));
+        let _ = writeln!(out, " {cumulative}");
+    }
+    let _ = write!(out, "{name}_sum");
+    write_labels(out, labels, None);
+    let _ = writeln!(out, " {}", h.sum);
+    let _ = write!(out, "{name}_count");
+    write_labels(out, labels, None);
+    let _ = writeln!(out, " {cumulative}");
 }
 
-fn write_labels(
-    out: &mut String,
-    labels: &[(&str, &dyn std::fmt::Display)],
-    last: Option<(&str, &str)>,
-) {
-    if labels.is_empty() && last.is_none() {
+fn write_labels(out: &mut String, labels: &Labels, le: Option<&str>) {
+    if labels.is_empty() && le.is_none() {
         return;
     }
     out.push('{');
     let mut first = true;
-    let mut put = |out: &mut String, key: &str, value: String| {
+    let pairs =
+        labels.iter().map(|(k, v)| (*k, v.to_string())).chain(le.map(|le| ("le", le.to_owned())));
+    for (key, value) in pairs {
         if !first {
             out.push(',');
         }
         first = false;
         let _ = write!(out, "{key}=\"{}\"", escape(&value));
-    };
-    for (key, value) in labels {
-        put(out, key, value.to_string());
-    }
-    if let Some((key, value)) = last {
-        put(out, key, value.to_owned());
     }
     out.push('}');
 }
@@ -187,30 +416,50 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Kernel message-size buckets as counts for [`Histogram::add_bucketed`].
+pub fn kernel_buckets(counts: &[u32; MESSAGE_SIZE_BUCKETS]) -> [u64; MESSAGE_SIZE_BUCKETS] {
+    counts.map(u64::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn conn(port: u16, role: &str, state: Verdict, sendq: u64, recvq: u64) -> ConnectionView {
         ConnectionView {
-            local_addr: "127.0.0.1:1".into(),
-            remote_addr: "127.0.0.1:2".into(),
             role: role.into(),
             port,
-            pid: Some(1),
-            comm: Some("x".into()),
-            websocket: true,
             state,
-            tcp_state: "ESTABLISHED".into(),
-            age_seconds: 1.0,
-            last_send_age_seconds: None,
-            last_recv_age_seconds: None,
-            last_read_age_seconds: None,
             send_queue_bytes: sendq,
             recv_queue_bytes: recvq,
-            bytes_sent: 0,
-            bytes_received: 0,
-            cookie: 1,
+            ..ConnectionView::default()
+        }
+    }
+
+    fn render_with(connections: &[ConnectionView], agg: &Aggregates) -> String {
+        render(&Inputs {
+            connections,
+            aggregates: agg,
+            events_lost: 4,
+            untracked_map_full: 0,
+            last_refresh_unix_seconds: 1_700_000_000.5,
+        })
+    }
+
+    fn assert_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "missing {line:?} in\n{text}");
+        }
+        // Every sample line belongs to a family declared with HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name.trim_end_matches("_bucket").trim_end_matches("_sum");
+            let family = family.trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {name} "))
+                    || text.contains(&format!("# TYPE {family} ")),
+                "undeclared {name}"
+            );
         }
     }
 
@@ -221,40 +470,70 @@ mod tests {
             conn(8080, "server", Verdict::NotReading, 5, 700),
             conn(8080, "client", Verdict::Idle, 0, 0),
         ];
-        let mut totals = BTreeMap::new();
-        totals.insert(((8080, "server"), Outcomes::Accept), 3);
-        totals.insert(((8080, "server"), Outcomes::Close), 1);
-        let mut known = BTreeSet::new();
-        known.insert((9090, "server"));
-        let text = render(&Inputs {
-            connections: &connections,
-            totals: &totals,
-            known: &known,
-            events_lost: 4,
-            untracked_map_full: 0,
-            last_refresh_unix_seconds: 1_700_000_000.5,
-        });
-        for line in [
-            "websocket_connections_active{port=\"8080\",role=\"server\"} 2",
-            "websocket_connections_active{port=\"8080\",role=\"client\"} 1",
-            "websocket_connections_active{port=\"9090\",role=\"server\"} 0",
-            "websocket_connections_total{port=\"8080\",role=\"server\",result=\"accept\"} 3",
-            "websocket_connections_total{port=\"8080\",role=\"server\",result=\"close\"} 1",
-            "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"not_reading\"} 1",
-            "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"idle\"} 0",
-            "websocket_connections_by_state{port=\"8080\",role=\"client\",state=\"idle\"} 1",
-            "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\"} 15",
-            "websocket_receive_queue_bytes{port=\"8080\",role=\"server\"} 700",
-            "observer_events_lost_total 4",
-            "observer_last_refresh_timestamp_seconds 1700000000.500",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
-        }
-        // Every sample line belongs to a family declared with HELP and TYPE.
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
-            assert!(text.contains(&format!("# TYPE {name} ")), "undeclared {name}");
-        }
+        let mut agg = Aggregates::default();
+        agg.count((8080, "server"), Outcome::Accept);
+        agg.count((8080, "server"), Outcome::Accept);
+        agg.count((8080, "server"), Outcome::Abort);
+        agg.known.insert((9090, "server"));
+        let text = render_with(&connections, &agg);
+        assert_lines(
+            &text,
+            &[
+                "websocket_connections_active{port=\"8080\",role=\"server\"} 2",
+                "websocket_connections_active{port=\"8080\",role=\"client\"} 1",
+                "websocket_connections_active{port=\"9090\",role=\"server\"} 0",
+                "websocket_connections_total{port=\"8080\",role=\"server\",result=\"accept\"} 2",
+                "websocket_connections_total{port=\"8080\",role=\"server\",result=\"abort\"} 1",
+                "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"not_reading\"} 1",
+                "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"idle\"} 0",
+                "websocket_connections_by_state{port=\"8080\",role=\"client\",state=\"idle\"} 1",
+                "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\"} 15",
+                "websocket_receive_queue_bytes{port=\"8080\",role=\"server\"} 700",
+                "observer_events_lost_total 4",
+                "observer_last_refresh_timestamp_seconds 1700000000.500",
+            ],
+        );
+    }
+
+    #[test]
+    fn renders_histograms_and_frame_counters() {
+        let mut agg = Aggregates::default();
+        agg.handshake(8080, 0.003);
+        agg.handshake(8080, 20.0);
+        agg.pong((8080, "client"), 0.0002);
+        *agg.messages.entry(((8080, "server"), "in", kind::PING)).or_default() += 3;
+        let mut buckets = [0u32; MESSAGE_SIZE_BUCKETS];
+        buckets[0] = 2;
+        buckets[MESSAGE_SIZE_BUCKETS - 1] = 1;
+        agg.message_sizes(8080, "out").add_bucketed(&kernel_buckets(&buckets), 100.0);
+        *agg.closes.entry(((8080, "server"), close_code_label(1011), "peer")).or_default() += 1;
+        let text = render_with(&[], &agg);
+        assert_lines(
+            &text,
+            &[
+                "websocket_handshake_duration_seconds_bucket{port=\"8080\",le=\"0.0025\"} 0",
+                "websocket_handshake_duration_seconds_bucket{port=\"8080\",le=\"0.005\"} 1",
+                "websocket_handshake_duration_seconds_bucket{port=\"8080\",le=\"10\"} 1",
+                "websocket_handshake_duration_seconds_bucket{port=\"8080\",le=\"+Inf\"} 2",
+                "websocket_handshake_duration_seconds_count{port=\"8080\"} 2",
+                "websocket_pong_latency_seconds_bucket{port=\"8080\",role=\"client\",le=\"0.0005\"} 1",
+                "websocket_messages_total{port=\"8080\",role=\"server\",direction=\"in\",opcode=\"ping\"} 3",
+                "websocket_message_size_bytes_bucket{port=\"8080\",direction=\"out\",le=\"64\"} 2",
+                "websocket_message_size_bytes_bucket{port=\"8080\",direction=\"out\",le=\"+Inf\"} 3",
+                "websocket_message_size_bytes_sum{port=\"8080\",direction=\"out\"} 100",
+                "websocket_close_total{port=\"8080\",role=\"server\",code=\"1011\",initiator=\"peer\"} 1",
+            ],
+        );
+    }
+
+    #[test]
+    fn close_codes_are_bounded() {
+        assert_eq!(close_code_label(1000), "1000");
+        assert_eq!(close_code_label(4321), "4xxx");
+        assert_eq!(close_code_label(3001), "3xxx");
+        assert_eq!(close_code_label(1006), "1006");
+        assert_eq!(close_code_label(0), "invalid");
+        assert_eq!(close_code_label(65535), "invalid");
     }
 
     #[test]

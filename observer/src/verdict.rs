@@ -6,7 +6,9 @@ use observer_common::ConnState;
 use serde::{Deserialize, Serialize};
 
 /// The state of one connection end, worst first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Bytes sit unread in the receive queue and the application has not read for the stall
@@ -15,6 +17,7 @@ pub enum Verdict {
     /// No application data in either direction for the idle threshold.
     Idle,
     /// Application data in either direction within the idle threshold.
+    #[default]
     Active,
 }
 
@@ -49,7 +52,16 @@ fn since(now_ns: u64, then_ns: u64) -> u64 {
 }
 
 /// Decides the verdict of one connection end at `now_ns` (`CLOCK_MONOTONIC`).
-pub fn judge(state: &ConnState, now_ns: u64, thresholds: &Thresholds) -> Verdict {
+///
+/// `data_activity_ns` is the last data frame either way when frames are tracked: pings and pongs
+/// keep a connection alive but are not application data. Without it, any byte written by the
+/// application or received from the peer counts.
+pub fn judge(
+    state: &ConnState,
+    data_activity_ns: Option<u64>,
+    now_ns: u64,
+    thresholds: &Thresholds,
+) -> Verdict {
     let stall = thresholds.stall_after.as_nanos() as u64;
     let idle = thresholds.idle_after.as_nanos() as u64;
 
@@ -59,7 +71,8 @@ pub fn judge(state: &ConnState, now_ns: u64, thresholds: &Thresholds) -> Verdict
         return Verdict::NotReading;
     }
 
-    let last_data = state.last_write_ns.max(state.last_rx_ns).max(state.established_ns);
+    let last_data = data_activity_ns
+        .unwrap_or_else(|| state.last_write_ns.max(state.last_rx_ns).max(state.established_ns));
     if since(now_ns, last_data) >= idle { Verdict::Idle } else { Verdict::Active }
 }
 
@@ -78,21 +91,21 @@ mod tests {
     #[test]
     fn fresh_connection_is_active_until_idle_threshold() {
         let c = conn();
-        assert_eq!(judge(&c, 100 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, 159 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, 160 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 100 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 159 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 160 * S, &T), Verdict::Idle);
     }
 
     #[test]
     fn data_either_way_keeps_it_active() {
         let mut c = conn();
         c.last_write_ns = 200 * S;
-        assert_eq!(judge(&c, 250 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, 260 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 250 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 260 * S, &T), Verdict::Idle);
         c.last_rx_ns = 255 * S;
         c.tcp_bytes_received = 10;
         c.bytes_read = 10;
-        assert_eq!(judge(&c, 260 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 260 * S, &T), Verdict::Active);
     }
 
     #[test]
@@ -103,8 +116,8 @@ mod tests {
         c.last_read_ns = 110 * S;
         c.unread_since_ns = 112 * S;
         c.last_rx_ns = 125 * S;
-        assert_eq!(judge(&c, 121 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, 122 * S, &T), Verdict::NotReading);
+        assert_eq!(judge(&c, None, 121 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 122 * S, &T), Verdict::NotReading);
     }
 
     #[test]
@@ -115,7 +128,7 @@ mod tests {
         c.unread_since_ns = 101 * S;
         c.last_read_ns = 150 * S;
         c.last_rx_ns = 150 * S;
-        assert_eq!(judge(&c, 155 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 155 * S, &T), Verdict::Active);
     }
 
     #[test]
@@ -124,7 +137,15 @@ mod tests {
         c.tcp_bytes_received = 5000;
         c.bytes_read = 5000;
         c.last_read_ns = 101 * S;
-        assert_eq!(judge(&c, 300 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 300 * S, &T), Verdict::Idle);
+    }
+
+    #[test]
+    fn frame_activity_replaces_byte_activity() {
+        let mut c = conn();
+        c.last_write_ns = 200 * S; // heartbeat bytes
+        assert_eq!(judge(&c, Some(100 * S), 200 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, Some(150 * S), 200 * S, &T), Verdict::Active);
     }
 
     #[test]

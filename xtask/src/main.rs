@@ -129,6 +129,8 @@ fn ebpf_prerequisites() -> anyhow::Result<String> {
                 "minimal",
                 "--component",
                 "rust-src",
+                "--component",
+                "clippy",
             ]))
             .context("the kernel programs need a nightly Rust with LLVM 22")?;
         }
@@ -201,6 +203,18 @@ fn lint() -> anyhow::Result<()> {
         .args(["clippy", "--workspace", "--exclude", "observer-ebpf", "--all-targets", "--"])
         .args(["-D", "warnings"])
         .env("OBSERVER_EBPF_TOOLCHAIN", &toolchain))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &toolchain,
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|c| c.starts_with("clippy")) {
+        step(&format!("adding clippy to {toolchain}"));
+        sh(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", &toolchain]))?;
+    }
     step("clippy on the kernel programs");
     sh(Command::new("rustup")
         .args(["run", &toolchain, "cargo", "clippy", "--package", "observer-ebpf"])
