@@ -1,10 +1,12 @@
 // WebSocket peer built on the Node `ws` library, for observer's tests.
 //
-//   node ws_peer.js server PORT [echo|sink]     server on 127.0.0.1:PORT
-//   node ws_peer.js client URL chatty|silent|stream [COUNT]
+//   node ws_peer.js server PORT [echo|sink|nopong]
+//   node ws_peer.js client URL chatty|silent|stream|fragmented [COUNT]
 //
-// Same modes as tests/peers/py_ws.py. Prints `ready` once listening or connected, and `quiet`
-// when a `silent` client has gone quiet.
+// Same modes as tests/peers/py_ws.py, plus: a `nopong` server echoes but never answers pings
+// (`autoPong: false`); a `fragmented` client sends one text message in three fragments with a
+// ping between the first two, logs each frame it sent as `frame OPCODE FIN`, then `done`.
+// Prints `ready` once listening or connected, and `quiet` when a `silent` client has gone quiet.
 'use strict';
 
 const WebSocket = require('ws');
@@ -12,7 +14,11 @@ const WebSocket = require('ws');
 const [role, target, mode, countArg] = process.argv.slice(2);
 
 if (role === 'server') {
-  const server = new WebSocket.Server({ host: '127.0.0.1', port: Number(target) });
+  const server = new WebSocket.Server({
+    host: '127.0.0.1',
+    port: Number(target),
+    autoPong: mode !== 'nopong',
+  });
   const sink = mode === 'sink';
   server.on('connection', (ws) =>
     ws.on('message', (data, isBinary) => {
@@ -20,7 +26,8 @@ if (role === 'server') {
     }));
   server.on('listening', () => console.log('ready'));
 } else {
-  const ws = new WebSocket(target);
+  // Fragments are compared by their size on the wire: no compression for them.
+  const ws = new WebSocket(target, { perMessageDeflate: mode !== 'fragmented' });
   const count = Number(countArg || 3);
   ws.on('open', () => {
     console.log('ready');
@@ -35,6 +42,17 @@ if (role === 'server') {
         else ws.send(`message ${received}`);
       });
       ws.send('message 0');
+    } else if (mode === 'fragmented') {
+      const log = (opcode, fin) => console.log(`frame ${opcode} ${fin ? 1 : 0}`);
+      ws.send('one ', { fin: false });
+      log('text', false);
+      ws.ping('mid');
+      log('ping', true);
+      ws.send('two ', { fin: false });
+      log('continuation', false);
+      ws.send('three', { fin: true });
+      log('continuation', true);
+      console.log('done');
     } else if (mode === 'stream') {
       const payload = Buffer.alloc(65536, 120);
       const pump = () => {

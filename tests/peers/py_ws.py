@@ -6,9 +6,12 @@
 
 Client modes: `chatty` sends a message every 200 ms and reads the echo; `silent` exchanges COUNT
 messages (default 3) then stays connected without a byte either way; `stream` sends 64 KiB
-messages as fast as the connection takes them and never reads. Heartbeats are off so that only
-the test decides what crosses the wire. Prints `ready` once listening or connected, and `quiet`
-when a `silent` client has gone quiet.
+messages as fast as the connection takes them and never reads; `pinger` sends nothing but the
+library's keepalive pings, every 500 ms, and never gives up on a missing pong; `lengths` sends
+one uncompressed binary message of each size in COUNT (comma-separated) and prints `sent N` for
+each; `close` exchanges one message and closes with code 1001. Outside `pinger`, heartbeats are
+off so that only the test decides what crosses the wire. Prints `ready` once listening or
+connected, `quiet` when a `silent` client has gone quiet, and `done` when a client is done.
 """
 
 import asyncio
@@ -39,7 +42,12 @@ async def server(port, mode):
 
 
 async def client(url, mode, count):
-    async with websockets.connect(url, ping_interval=None, max_size=None) as ws:
+    options = {"ping_interval": None, "max_size": None}
+    if mode == "pinger":
+        options.update(ping_interval=0.5, ping_timeout=None)
+    if mode == "lengths":
+        options.update(compression=None)
+    async with websockets.connect(url, **options) as ws:
         say("ready")
         if mode == "chatty":
             while True:
@@ -56,6 +64,20 @@ async def client(url, mode, count):
             payload = b"x" * 65536
             while True:
                 await ws.send(payload)
+        elif mode == "pinger":
+            await asyncio.Future()
+        elif mode == "lengths":
+            for size in count:
+                await ws.send(b"\x5a" * size)
+                say(f"sent {size}")
+            say("done")
+            await asyncio.Future()
+        elif mode == "close":
+            await ws.send("bye")
+            await ws.recv()
+            await ws.close(code=1001)
+            say("done")
+            await asyncio.Future()
         else:
             raise SystemExit(f"unknown mode {mode}")
 
@@ -65,8 +87,10 @@ def main():
     if role == "server":
         asyncio.run(server(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "echo"))
     else:
-        count = int(sys.argv[4]) if len(sys.argv) > 4 else 3
-        asyncio.run(client(sys.argv[2], sys.argv[3], count))
+        mode = sys.argv[3]
+        arg = sys.argv[4] if len(sys.argv) > 4 else "3"
+        count = [int(n) for n in arg.split(",")] if mode == "lengths" else int(arg)
+        asyncio.run(client(sys.argv[2], mode, count))
 
 
 if __name__ == "__main__":
