@@ -209,11 +209,11 @@ def test_clean_close_and_abort_are_told_apart(netns, agent_factory):
     def outcome(port, role, result):
         return agent.metric("websocket_connections_total", port=port, role=role, result=result)
 
-    wait_for("the clean close counted", lambda: outcome(clean, "server", "close") == 1, timeout=3)
+    wait_for("the clean close counted", lambda: outcome(clean, "server", "close") == 1, timeout=10)
     assert outcome(clean, "client", "close") == 1
     assert agent.metric("websocket_close_total", port=clean, role="client", code=1001, initiator="local") == 1
     assert agent.metric("websocket_close_total", port=clean, role="server", code=1001, initiator="peer") == 1
-    wait_for("the kill counted as abort", lambda: outcome(killed, "server", "abort") == 1, timeout=3)
+    wait_for("the kill counted as abort", lambda: outcome(killed, "server", "abort") == 1, timeout=10)
     assert outcome(killed, "server", "close") is None
 
 

@@ -70,6 +70,24 @@ pub mod stream_flags {
     pub const EXPECT_MASKED: u8 = 1 << 1;
     /// A close frame was seen in this direction.
     pub const CLOSE_SEEN: u8 = 1 << 2;
+    /// Dry run after lost tracking: check that headers are plausible, count nothing.
+    pub const PROBE: u8 = 1 << 3;
+    /// The dry run met something no real frame header would be.
+    pub const PROBE_FAILED: u8 = 1 << 4;
+    /// Tracking resumed at a frame boundary: whether a message was in progress is unknown
+    /// until the next final data frame.
+    pub const RESUMED: u8 = 1 << 5;
+}
+
+/// Where a segment falls relative to what a direction already tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Every byte was tracked already (a retransmission).
+    Old,
+    /// Bytes before this segment were never seen.
+    Gap,
+    /// New bytes start `skip` bytes into the segment.
+    New { skip: u32 },
 }
 
 /// One frame header, as reported by [`StreamState::step`].
@@ -173,6 +191,27 @@ const fn header_size(b1: u8) -> usize {
     2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
 }
 
+/// Whether a header could belong to a real stream in this direction: a defined opcode, the
+/// masking the direction requires, control frames whole and short, only RSV1 (compression) and
+/// only on data frames.
+fn plausible(frame: &Frame, expect_masked: bool) -> bool {
+    let control = frame.opcode >= opcode::CLOSE;
+    let defined = matches!(
+        frame.opcode,
+        opcode::CONTINUATION
+            | opcode::TEXT
+            | opcode::BINARY
+            | opcode::CLOSE
+            | opcode::PING
+            | opcode::PONG
+    );
+    let rsv_ok = frame.rsv == 0 || (frame.rsv == 0b100 && !control);
+    defined
+        && frame.masked == expect_masked
+        && rsv_ok
+        && (!control || (frame.fin && frame.payload_len <= 125))
+}
+
 /// Index of the message-size bucket for `size`.
 pub fn size_bucket(size: u64) -> usize {
     let mut i = 0;
@@ -201,6 +240,56 @@ impl StreamState {
             2 => Phase::Lost,
             _ => Phase::Off,
         }
+    }
+
+    /// Places a segment of `len` bytes starting at `stream_offset` (both modulo 2^32, as TCP
+    /// sequence numbers are).
+    pub fn place(&self, stream_offset: u32, len: u32) -> Placement {
+        let end = stream_offset.wrapping_add(len);
+        if end.wrapping_sub(self.next_offset) as i32 <= 0 {
+            Placement::Old
+        } else if stream_offset.wrapping_sub(self.next_offset) as i32 > 0 {
+            Placement::Gap
+        } else {
+            Placement::New { skip: self.next_offset.wrapping_sub(stream_offset) }
+        }
+    }
+
+    /// A copy to dry-run over a segment after tracking was lost: framing reset, counting off.
+    pub fn probe_copy(&self) -> Self {
+        let mut probe = *self;
+        probe.start_probe();
+        probe
+    }
+
+    /// Turns this state, a copy of a lost one, into the dry run of [`Self::probe_copy`].
+    pub fn start_probe(&mut self) {
+        self.phase = Phase::Frames as u8;
+        self.payload_left = 0;
+        self.header_len = 0;
+        self.capture = 0;
+        self.matched = 0;
+        self.flags = (self.flags & stream_flags::EXPECT_MASKED) | stream_flags::PROBE;
+    }
+
+    /// After a dry run over a segment from its start: whether that start is a frame boundary
+    /// beyond reasonable doubt: two plausible headers chained by their lengths, or one that
+    /// ends exactly with the segment.
+    pub fn probe_passed(&self) -> bool {
+        self.flags & stream_flags::PROBE_FAILED == 0
+            && self.phase == Phase::Frames as u8
+            && (self.matched >= 2
+                || (self.matched == 1 && self.payload_left == 0 && self.header_len == 0))
+    }
+
+    /// Resumes tracking at a frame boundary, after a dry run passed there.
+    pub fn resume(&mut self) {
+        self.phase = Phase::Frames as u8;
+        self.payload_left = 0;
+        self.header_len = 0;
+        self.capture = 0;
+        self.message_bytes = 0;
+        self.flags = (self.flags & !stream_flags::IN_MESSAGE) | stream_flags::RESUMED;
     }
 
     /// Marks the direction lost: its frame boundaries are unknown from here on.
@@ -371,6 +460,10 @@ impl StreamState {
             payload_len,
             close_code: 0,
         };
+        if payload_len >> 63 != 0 && self.flags & stream_flags::PROBE != 0 {
+            self.flags |= stream_flags::PROBE_FAILED;
+            return Step::Done;
+        }
         if payload_len >> 63 != 0 {
             // RFC 6455: the most significant bit must be 0. No stream can carry this length,
             // so the boundaries that follow are meaningless.
@@ -379,6 +472,14 @@ impl StreamState {
             return Step::Done;
         }
         self.payload_left = payload_len;
+        if self.flags & stream_flags::PROBE != 0 {
+            if plausible(&frame, self.flags & stream_flags::EXPECT_MASKED != 0) {
+                self.matched = self.matched.saturating_add(1);
+                return Step::More;
+            }
+            self.flags |= stream_flags::PROBE_FAILED;
+            return Step::Done;
+        }
         self.account(&frame, now_ns);
 
         if frame.opcode == opcode::CLOSE && self.flags & stream_flags::CLOSE_SEEN == 0 {
@@ -423,20 +524,22 @@ impl StreamState {
         }
 
         self.last_data_ns = now_ns;
+        // Right after resuming, whether a message was in progress is unknown.
+        let sure = self.flags & stream_flags::RESUMED == 0;
         if index == kind::CONTINUATION {
-            if !in_message {
+            if !in_message && sure {
                 self.violations += 1;
             }
             self.message_bytes += frame.payload_len;
         } else {
-            if in_message {
+            if in_message && sure {
                 // A new message before the last one finished.
                 self.violations += 1;
             }
             self.message_bytes = frame.payload_len;
         }
         if frame.fin {
-            self.flags &= !stream_flags::IN_MESSAGE;
+            self.flags &= !(stream_flags::IN_MESSAGE | stream_flags::RESUMED);
             self.message_sizes[size_bucket(self.message_bytes).min(MESSAGE_SIZE_BUCKETS - 1)] += 1;
             self.message_bytes_total += self.message_bytes;
             self.message_bytes = 0;
@@ -674,6 +777,92 @@ mod tests {
         let mut s = frames_state();
         let mut cursor = Cursor { pos: 0, end: 10 };
         assert_eq!(s.step(&Broken, &mut cursor, 0), Step::Done);
+        assert_eq!(s.phase(), Phase::Lost);
+    }
+
+    /// Drives a state over segments the way the kernel does: placed by offset, dry run after a
+    /// loss. Returns the frames reported.
+    fn drive(state: &mut StreamState, segments: &[(u32, &[u8])]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for &(offset, bytes) in segments {
+            let skip = match state.place(offset, bytes.len() as u32) {
+                Placement::Old => continue,
+                Placement::Gap => {
+                    state.lose();
+                    0
+                }
+                Placement::New { skip } => skip,
+            };
+            let end = offset.wrapping_add(bytes.len() as u32);
+            let run = |s: &mut StreamState, out: &mut Vec<Frame>| {
+                let mut cursor = Cursor { pos: skip, end: bytes.len() as u32 };
+                loop {
+                    match s.step(&Slice(bytes), &mut cursor, 1) {
+                        Step::More => {}
+                        Step::Done => break,
+                        Step::Frame(f) => out.push(f),
+                    }
+                }
+            };
+            if state.phase() == Phase::Lost {
+                let mut probe = state.probe_copy();
+                run(&mut probe, &mut Vec::new());
+                if probe.probe_passed() {
+                    state.resume();
+                }
+            }
+            run(state, &mut frames);
+            state.next_offset = end;
+        }
+        frames
+    }
+
+    #[test]
+    fn retransmissions_are_skipped_and_overlaps_trimmed() {
+        let stream =
+            [frame(true, opcode::TEXT, b"abc", None), frame(true, opcode::PING, b"", None)]
+                .concat();
+        let mut s = frames_state();
+        let frames = drive(&mut s, &[(0, &stream[..4]), (0, &stream[..4]), (2, &stream[2..])]);
+        assert_eq!(summary(&frames), [(opcode::TEXT, true, 3, 0), (opcode::PING, true, 0, 0)]);
+        assert_eq!(s.lost, 0);
+    }
+
+    #[test]
+    fn after_a_gap_tracking_resumes_at_a_clear_frame_boundary_without_phantoms() {
+        let first = frame(true, opcode::BINARY, &[7; 300], None);
+        let whole =
+            [frame(true, opcode::TEXT, b"hello", None), frame(true, opcode::PONG, b"", None)]
+                .concat();
+        let stream = [first.clone(), whole.clone()].concat();
+        let mut s = frames_state();
+        // The segment holding bytes 10..100 of the first frame never arrives.
+        let seen_after_gap = &stream[100..first.len()];
+        let frames = drive(
+            &mut s,
+            &[(0, &stream[..10]), (100, seen_after_gap), (first.len() as u32, &whole)],
+        );
+        // The binary header was seen before the gap; nothing is reported from the middle of its
+        // payload; both whole frames after it are.
+        assert_eq!(
+            summary(&frames),
+            [
+                (opcode::BINARY, true, 300, 0),
+                (opcode::TEXT, true, 5, 0),
+                (opcode::PONG, true, 0, 0)
+            ]
+        );
+        assert_eq!((s.lost, s.phase(), s.violations), (1, Phase::Frames, 0));
+    }
+
+    #[test]
+    fn payload_that_looks_like_one_header_is_not_taken_for_a_boundary() {
+        // After a gap, a segment of payload bytes that happen to start like a frame header whose
+        // length runs past the segment: not enough evidence.
+        let mut s = frames_state();
+        let fake = [0x81u8, 0x7e, 0x10, 0x00, b'a', b'b'];
+        let frames = drive(&mut s, &[(0, &[0x82, 0x7e, 0x10, 0x00]), (100, &fake)]);
+        assert_eq!(summary(&frames), [(opcode::BINARY, true, 4096, 0)], "only the real header");
         assert_eq!(s.phase(), Phase::Lost);
     }
 }

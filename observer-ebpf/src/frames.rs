@@ -7,8 +7,10 @@
 //! Segments are placed by sequence number relative to the stream's start (taken from
 //! `bpf_sock_ops` at establishment): bytes already tracked (retransmissions, overlaps) are
 //! skipped; a segment beyond the next expected byte means bytes were never seen here (reordering
-//! or loss before this hook), which loses that direction's tracking and is counted. Data at a
-//! given sequence number never changes, so tracking a segment TCP later drops is still correct.
+//! or loss before this hook), which loses that direction's tracking and is counted. A lost
+//! direction resumes at the first segment whose start a dry run shows to be a frame boundary
+//! beyond doubt, and counts nothing in between. Data at a given sequence number never changes,
+//! so tracking a segment TCP later drops is still correct.
 
 use core::ffi::c_void;
 
@@ -18,11 +20,11 @@ use aya_ebpf::{
 };
 use observer_common::{
     Direction, EventHeader, EventKind, FrameEvent, WsState,
-    frame::{Cursor, Source, Step, StreamState, opcode},
+    frame::{Cursor, Phase, Placement, Source, Step, StreamState, opcode},
     stat,
 };
 
-use crate::{EVENTS, FRAMES, count};
+use crate::{EVENTS, FRAMES, PROBE, count};
 
 /// Most steps on one segment: two per frame, so a 64 KiB segment of 3-byte frames still fits.
 const MAX_STEPS: u32 = 1 << 16;
@@ -56,6 +58,7 @@ impl Source for Segment {
 
 /// Everything one `bpf_loop` iteration needs, on the program's stack.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Walk {
     skb: *mut __sk_buff,
     state: *mut StreamState,
@@ -87,41 +90,52 @@ pub fn track(
             Direction::Egress => &raw mut (*ws).dir[1],
         }
     };
-    // SAFETY: as above.
-    let next = unsafe { (*state).next_offset };
     let end_offset = stream_offset.wrapping_add(payload_len);
-    if end_offset.wrapping_sub(next) as i32 <= 0 {
-        return; // Nothing new.
-    }
-    if stream_offset.wrapping_sub(next) as i32 > 0 {
-        // SAFETY: as above.
-        unsafe {
-            (*state).lose();
-            (*state).next_offset = end_offset;
+    // SAFETY: as above, for every access to `*state` below.
+    let skip = match unsafe { (*state).place(stream_offset, payload_len) } {
+        Placement::Old => return,
+        Placement::Gap => {
+            unsafe { (*state).lose() };
+            0
         }
-        return;
-    }
-
-    let skip = next.wrapping_sub(stream_offset);
-    let mut walk = Walk {
-        skb,
-        state,
-        cursor: Cursor { pos: payload_offset + skip, end: payload_offset + payload_len },
-        cookie,
-        // SAFETY: no preconditions.
-        now_ns: unsafe { bpf_ktime_get_ns() },
-        direction: direction as u32,
-        done: 0,
+        Placement::New { skip } => skip,
     };
-    // SAFETY: `step` has the callback signature `bpf_loop` expects and `walk` outlives the call.
-    unsafe {
-        bpf_loop(MAX_STEPS, step as *mut c_void, (&raw mut walk).cast(), 0);
-        if walk.done == 0 {
-            // More work than any real segment needs: give up on this direction.
-            (*state).lose();
+    let cursor = Cursor { pos: payload_offset + skip, end: payload_offset + payload_len };
+    // SAFETY: no preconditions.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+
+    let mut run = Walk { skb, state, cursor, cookie, now_ns, direction: direction as u32, done: 0 };
+    if unsafe { (*state).phase } == Phase::Lost as u8 {
+        // Resume only where a dry run over this segment finds frame headers beyond doubt.
+        // The dry run's state lives in a map, not on the stack: the verifier tracks stack
+        // values exactly, and a loop that changes tracked values never converges for it.
+        if let Some(probe) = PROBE.get_ptr_mut(0) {
+            unsafe {
+                core::ptr::copy_nonoverlapping(state, probe, 1);
+                (*probe).start_probe();
+            }
+            let mut dry = Walk { state: probe, ..run };
+            walk(&mut dry);
+            if unsafe { (*probe).probe_passed() } {
+                unsafe { (*state).resume() };
+            }
         }
-        (*state).next_offset = end_offset;
     }
+    if !walk(&mut run) {
+        // More work than any real segment needs: give up on this direction.
+        unsafe { (*state).lose() };
+    }
+    unsafe { (*state).next_offset = end_offset };
+}
+
+/// Runs the machine over the walk's segment; false if it did not finish. Kept out of line so
+/// that the verifier checks the loop once for both the dry run and the real one.
+#[inline(never)]
+fn walk(walk: &mut Walk) -> bool {
+    walk.done = 0;
+    // SAFETY: `step` has the callback signature `bpf_loop` expects and `walk` outlives the call.
+    unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, (walk as *mut Walk).cast(), 0) };
+    walk.done != 0
 }
 
 /// One `bpf_loop` iteration: one step of the machine. Returns 1 to stop the loop.

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     ConnEvent, ConnState, DEFAULT_MAX_CONNS, EventHeader, EventKind, MAX_WATCHED_PORTS, WsState,
-    stat,
+    frame::StreamState, stat,
 };
 
 /// Tracked connection ends. The agent resizes it at load time (`--max-connections`).
@@ -50,6 +50,10 @@ static STOP_FWD: HashMap<u64, u8> = HashMap::with_max_entries(DEFAULT_MAX_CONNS,
 /// Frame tracking of connections that may carry WebSocket, from their first `G` on.
 #[map]
 static FRAMES: HashMap<u64, WsState> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+/// Scratch state for the dry run that decides where lost frame tracking may resume.
+#[map]
+static PROBE: PerCpuArray<StreamState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Open, close, header-chunk and control-frame events for the agent.
 #[map]
