@@ -69,6 +69,9 @@ pub struct ConnectionView {
     pub bytes_received: u64,
     /// The kernel's socket cookie, unique on this host until reboot.
     pub cookie: u64,
+    /// Namespace, pod and container of `pid`, shown as three fields.
+    #[serde(flatten)]
+    pub attribution: crate::k8s::Attribution,
 }
 
 #[derive(Debug)]
@@ -296,6 +299,7 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         bytes_sent: s.bytes_written,
         bytes_received: s.bytes_received(),
         cookie,
+        attribution: crate::k8s::Attribution::default(),
     }
 }
 

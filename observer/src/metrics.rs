@@ -2,7 +2,9 @@
 //!
 //! Names follow `prefix_name_unit[_total]`; labels are only the server `port`, the `role`, the
 //! verdict `state` and the `result`, so the number of series is bounded by the ports watched, never
-//! by connections, processes or addresses.
+//! by connections, processes or addresses. With `--pod-labels`, the gauges of open connections
+//! also carry the Kubernetes `namespace` and `pod`: one series per port, role and pod that has an
+//! open connection now, so the count follows the pods running on the node.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +24,12 @@ pub struct Inputs<'a> {
     pub events_lost: u64,
     pub untracked_map_full: u64,
     pub last_refresh_unix_seconds: f64,
+    /// Break the gauges of open connections down by `namespace` and `pod`.
+    pub pod_labels: bool,
 }
+
+/// `(namespace, pod)` of a gauge series; `None` without `--pod-labels` or outside any pod.
+type PodKey<'a> = Option<(&'a str, &'a str)>;
 
 #[derive(Default)]
 struct PerSeries {
@@ -34,21 +41,30 @@ struct PerSeries {
 
 /// Renders the whole exposition.
 pub fn render(inputs: &Inputs<'_>) -> String {
-    let mut series: BTreeMap<SeriesKey, PerSeries> =
-        inputs.known.iter().map(|&k| (k, PerSeries::default())).collect();
+    let mut series: BTreeMap<(SeriesKey, PodKey<'_>), PerSeries> = BTreeMap::new();
     for c in inputs.connections {
         let role: &'static str = if c.role == "client" { "client" } else { "server" };
-        let s = series.entry((c.port, role)).or_default();
+        let a = &c.attribution;
+        let pod =
+            if inputs.pod_labels { a.namespace.as_deref().zip(a.pod.as_deref()) } else { None };
+        let s = series.entry(((c.port, role), pod)).or_default();
         s.open += 1;
         s.by_state[Verdict::ALL.iter().position(|v| *v == c.state).unwrap_or(0)] += 1;
         s.send_queue += c.send_queue_bytes;
         s.recv_queue += c.recv_queue_bytes;
     }
+    // Known ports and roles with no open connection show zeros rather than vanishing.
+    for &key in inputs.known {
+        if !series.keys().any(|(k, _)| *k == key) {
+            series.insert((key, None), PerSeries::default());
+        }
+    }
 
     let mut out = String::with_capacity(4096);
     header(&mut out, "websocket_connections_active", "gauge", "Open WebSocket connection ends.");
-    for ((port, role), s) in &series {
-        sample(&mut out, "websocket_connections_active", &[("port", port), ("role", role)], s.open);
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        sample(&mut out, "websocket_connections_active", &labels, s.open);
     }
 
     header(
@@ -68,10 +84,9 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Open WebSocket connection ends by liveness verdict.",
     );
-    for ((port, role), s) in &series {
+    for (((port, role), pod), s) in &series {
         for (i, verdict) in Verdict::ALL.iter().enumerate() {
-            let labels: [(&str, &dyn std::fmt::Display); 3] =
-                [("port", port), ("role", role), ("state", verdict)];
+            let labels = with_pod(&[("port", port), ("role", role), ("state", verdict)], pod);
             sample(&mut out, "websocket_connections_by_state", &labels, s.by_state[i]);
         }
     }
@@ -82,8 +97,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Bytes written by applications and not yet acknowledged by the peer, summed.",
     );
-    for ((port, role), s) in &series {
-        let labels: [(&str, &dyn std::fmt::Display); 2] = [("port", port), ("role", role)];
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
         sample(&mut out, "websocket_buffered_amount_bytes", &labels, s.send_queue);
     }
 
@@ -93,8 +108,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Bytes received from the peer and not yet read by the application, summed.",
     );
-    for ((port, role), s) in &series {
-        let labels: [(&str, &dyn std::fmt::Display); 2] = [("port", port), ("role", role)];
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
         sample(&mut out, "websocket_receive_queue_bytes", &labels, s.recv_queue);
     }
 
@@ -130,6 +145,19 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         inputs.last_refresh_unix_seconds
     );
     out
+}
+
+/// `labels`, then `namespace` and `pod` when the series has them.
+fn with_pod<'a>(
+    labels: &[(&'a str, &'a dyn std::fmt::Display)],
+    pod: &'a PodKey<'a>,
+) -> Vec<(&'a str, &'a dyn std::fmt::Display)> {
+    let mut all = labels.to_vec();
+    if let Some((namespace, name)) = pod {
+        all.push(("namespace", namespace));
+        all.push(("pod", name));
+    }
+    all
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -211,6 +239,7 @@ mod tests {
             bytes_sent: 0,
             bytes_received: 0,
             cookie: 1,
+            attribution: Default::default(),
         }
     }
 
@@ -233,6 +262,7 @@ mod tests {
             events_lost: 4,
             untracked_map_full: 0,
             last_refresh_unix_seconds: 1_700_000_000.5,
+            pod_labels: false,
         });
         for line in [
             "websocket_connections_active{port=\"8080\",role=\"server\"} 2",
@@ -255,6 +285,51 @@ mod tests {
             let name = line.split(['{', ' ']).next().unwrap();
             assert!(text.contains(&format!("# TYPE {name} ")), "undeclared {name}");
         }
+    }
+
+    #[test]
+    fn pod_labels_split_gauges_by_pod_and_only_when_asked() {
+        let in_pod = |pod: &str| {
+            let mut c = conn(8080, "server", Verdict::Active, 3, 0);
+            c.attribution.namespace = Some("shop".into());
+            c.attribution.pod = Some(pod.into());
+            c.attribution.container = Some("ab".repeat(32));
+            c
+        };
+        let connections = [in_pod("cart-1"), in_pod("cart-1"), in_pod("cart-2")];
+        let mut known = BTreeSet::new();
+        known.insert((8080, "server"));
+        known.insert((9090, "client"));
+        let totals = BTreeMap::new();
+        let inputs = |pod_labels| Inputs {
+            connections: &connections,
+            totals: &totals,
+            known: &known,
+            events_lost: 0,
+            untracked_map_full: 0,
+            last_refresh_unix_seconds: 0.0,
+            pod_labels,
+        };
+
+        let text = render(&inputs(true));
+        for line in [
+            "websocket_connections_active{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-1\"} 2",
+            "websocket_connections_active{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-2\"} 1",
+            "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"active\",namespace=\"shop\",pod=\"cart-1\"} 2",
+            "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-1\"} 6",
+            "websocket_receive_queue_bytes{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-2\"} 0",
+            "websocket_connections_active{port=\"9090\",role=\"client\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // No unlabelled zero beside the pod series of the same port and role, and never a
+        // container ID.
+        assert!(!text.contains("websocket_connections_active{port=\"8080\",role=\"server\"}"));
+        assert!(!text.contains("abab"));
+
+        let text = render(&inputs(false));
+        assert!(!text.contains("pod="), "{text}");
+        assert!(text.contains("websocket_connections_active{port=\"8080\",role=\"server\"} 3\n"));
     }
 
     #[test]
