@@ -159,7 +159,8 @@ class Agent:
         return self.metrics().get((name, frozenset((k, str(v)) for k, v in labels.items())))
 
     def read_log(self):
-        self.log.flush()
+        if not self.log.closed:  # also read after stop(), when a failed test's log is shown
+            self.log.flush()
         return Path(self.log_path).read_text()
 
     def stop(self):
