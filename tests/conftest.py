@@ -159,7 +159,7 @@ class Agent:
         return self.metrics().get((name, frozenset((k, str(v)) for k, v in labels.items())))
 
     def read_log(self):
-        if not self.log.closed:
+        if not self.log.closed:  # also read after stop(), when a failed test's log is shown
             self.log.flush()
         return Path(self.log_path).read_text()
 

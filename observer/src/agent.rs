@@ -22,6 +22,7 @@ use crate::{
     api::{self, Shared, Snapshot},
     cli::RunConfig,
     conntrack::{KernelAction, Tracker},
+    k8s,
     kernel::{Kernel, KernelConfig},
     metrics,
 };
@@ -73,6 +74,7 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
+    let mut pods = k8s::Resolver::new("/proc", &config.pod_log_dir);
     let mut tick = tokio::time::interval(config.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -85,7 +87,9 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
                 drain(guard.get_inner_mut(), &mut tracker, &mut kernel);
                 guard.clear_ready();
             }
-            _ = tick.tick() => refresh(&mut tracker, &mut kernel, &shared),
+            _ = tick.tick() => {
+                refresh(&mut tracker, &mut kernel, &shared, &mut pods, config.pod_labels);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
@@ -159,11 +163,18 @@ fn apply(kernel: &mut Kernel, action: KernelAction) {
 }
 
 /// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
-fn refresh(tracker: &mut Tracker, kernel: &mut Kernel, shared: &Shared) {
+fn refresh(
+    tracker: &mut Tracker,
+    kernel: &mut Kernel,
+    shared: &Shared,
+    pods: &mut k8s::Resolver,
+    pod_labels: bool,
+) {
     let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
     let frames = &kernel.frames;
     tracker.sync(entries, |cookie| frames.get(&cookie, 0).ok());
-    let connections = tracker.refresh(crate::clock::monotonic_ns());
+    let mut connections = tracker.refresh(crate::clock::monotonic_ns());
+    pods.annotate(&mut connections, Instant::now());
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let metrics = metrics::render(&metrics::Inputs {
@@ -172,6 +183,7 @@ fn refresh(tracker: &mut Tracker, kernel: &mut Kernel, shared: &Shared) {
         events_lost: stats[stat::EVENTS_LOST as usize],
         untracked_map_full: stats[stat::CONNS_FULL as usize],
         last_refresh_unix_seconds: now_unix,
+        pod_labels,
     });
     shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
 }

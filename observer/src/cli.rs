@@ -62,6 +62,15 @@ pub struct RunArgs {
     /// covers every process of the host].
     #[arg(long, env = "OBSERVER_CGROUP", value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
+
+    /// Label the gauges of open connections with the Kubernetes `namespace` and `pod` of their
+    /// process: at most one series per port, role and pod [default: off].
+    #[arg(long, env = "OBSERVER_POD_LABELS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub pod_labels: bool,
+
+    /// The kubelet's pod log directory, whose `<namespace>_<pod>_<uid>` entries name the pods.
+    #[arg(long, env = "OBSERVER_POD_LOG_DIR", value_name = "DIR", default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -85,6 +94,8 @@ pub struct RunConfig {
     pub refresh: Duration,
     pub max_connections: u32,
     pub cgroup: Option<PathBuf>,
+    pub pod_labels: bool,
+    pub pod_log_dir: PathBuf,
 }
 
 impl RunArgs {
@@ -121,6 +132,8 @@ impl RunArgs {
             refresh: self.refresh,
             max_connections: self.max_connections,
             cgroup: self.cgroup,
+            pod_labels: self.pod_labels,
+            pod_log_dir: self.pod_log_dir,
         })
     }
 }
@@ -164,6 +177,33 @@ mod tests {
         assert_eq!(cli.run.idle_after, Duration::from_secs(120));
         assert!(Cli::try_parse_from(["observer", "--refresh", "soon"]).is_err());
         assert!(Cli::try_parse_from(["observer", "--frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn pod_labels_are_off_by_default_and_read_from_the_environment() {
+        let config = Cli::try_parse_from(["observer"]).unwrap().run.validate().unwrap();
+        assert!(!config.pod_labels);
+        assert_eq!(config.pod_log_dir, PathBuf::from("/var/log/pods"));
+        let cli = Cli::try_parse_from(["observer", "--pod-labels", "--pod-log-dir", "/x"]).unwrap();
+        assert!(cli.run.pod_labels);
+        assert_eq!(cli.run.pod_log_dir, PathBuf::from("/x"));
+        // The environment form, as the DaemonSet sets it: the flag's own definition, read from a
+        // variable that no other test touches.
+        let arg = <Cli as clap::CommandFactory>::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "pod_labels")
+            .cloned()
+            .unwrap();
+        assert_eq!(arg.get_env().unwrap(), "OBSERVER_POD_LABELS");
+        for (value, expected) in [("true", true), ("1", true), ("false", false), ("0", false)] {
+            // SAFETY: no other test reads or writes this variable.
+            unsafe { std::env::set_var("OBSERVER_POD_LABELS_TEST_PARSE", value) };
+            // clap reads the variable when the argument is defined.
+            let cmd =
+                clap::Command::new("t").arg(arg.clone().env("OBSERVER_POD_LABELS_TEST_PARSE"));
+            let matches = cmd.try_get_matches_from(["t"]).unwrap();
+            assert_eq!(matches.get_flag("pod_labels"), expected, "{value}");
+        }
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct ConnectionView {
     pub close_code: Option<u16>,
     /// The kernel's socket cookie, unique on this host until reboot.
     pub cookie: u64,
+    /// Namespace, pod and container of `pid`, shown as three fields.
+    #[serde(flatten)]
+    pub attribution: crate::k8s::Attribution,
 }
 
 /// Frame counts already added to the aggregates.
@@ -514,6 +517,7 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         last_frame_age_seconds: age(last_frame),
         close_code: conn.close_code,
         cookie,
+        attribution: crate::k8s::Attribution::default(),
     }
 }
 

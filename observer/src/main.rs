@@ -11,6 +11,7 @@ mod cli;
 mod clock;
 mod conntrack;
 mod handshake;
+mod k8s;
 mod kernel;
 mod list;
 mod metrics;

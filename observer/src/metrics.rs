@@ -5,7 +5,9 @@
 //! `direction` (`in` to the socket, `out` of it) and `opcode`, the verdict `state`, the `result`,
 //! and the close `code` (exact for the codes RFC 6455 defines, grouped by range otherwise) with
 //! its `initiator`: the number of series is bounded by the ports seen, never by connections,
-//! processes, addresses or anything a peer sends.
+//! processes, addresses or anything a peer sends. With `--pod-labels`, the gauges of open
+//! connections also carry the Kubernetes `namespace` and `pod`: one series per port, role and pod
+//! that has an open connection now, so the count follows the pods running on the node.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -161,7 +163,12 @@ pub struct Inputs<'a> {
     pub events_lost: u64,
     pub untracked_map_full: u64,
     pub last_refresh_unix_seconds: f64,
+    /// Break the gauges of open connections down by `namespace` and `pod`.
+    pub pod_labels: bool,
 }
+
+/// `(namespace, pod)` of a gauge series; `None` without `--pod-labels` or outside any pod.
+type PodKey<'a> = Option<(&'a str, &'a str)>;
 
 #[derive(Default)]
 struct PerSeries {
@@ -176,23 +183,32 @@ type Labels<'a> = [(&'a str, &'a dyn Display)];
 /// Renders the whole exposition.
 pub fn render(inputs: &Inputs<'_>) -> String {
     let agg = inputs.aggregates;
-    let mut series: BTreeMap<SeriesKey, PerSeries> =
-        agg.known.iter().map(|&k| (k, PerSeries::default())).collect();
+    let mut series: BTreeMap<(SeriesKey, PodKey<'_>), PerSeries> = BTreeMap::new();
     for c in inputs.connections {
         let role: &'static str = if c.role == "client" { "client" } else { "server" };
-        let s = series.entry((c.port, role)).or_default();
+        let a = &c.attribution;
+        let pod =
+            if inputs.pod_labels { a.namespace.as_deref().zip(a.pod.as_deref()) } else { None };
+        let s = series.entry(((c.port, role), pod)).or_default();
         s.open += 1;
         s.by_state[Verdict::ALL.iter().position(|v| *v == c.state).unwrap_or(0)] += 1;
         s.send_queue += c.send_queue_bytes;
         s.recv_queue += c.recv_queue_bytes;
+    }
+    // Known ports and roles with no open connection show zeros rather than vanishing.
+    for &key in &agg.known {
+        if !series.keys().any(|(k, _)| *k == key) {
+            series.insert((key, None), PerSeries::default());
+        }
     }
 
     let mut out = String::with_capacity(8192);
     let o = &mut out;
 
     family(o, "websocket_connections_active", "gauge", "Open WebSocket connection ends.");
-    for ((port, role), s) in &series {
-        sample(o, "websocket_connections_active", &[("port", port), ("role", role)], s.open);
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        sample(o, "websocket_connections_active", &labels, s.open);
     }
 
     family(
@@ -212,10 +228,10 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Open WebSocket connection ends by liveness verdict.",
     );
-    for ((port, role), s) in &series {
+    for (((port, role), pod), s) in &series {
         for (i, verdict) in Verdict::ALL.iter().enumerate() {
-            let labels: &Labels = &[("port", port), ("role", role), ("state", verdict)];
-            sample(o, "websocket_connections_by_state", labels, s.by_state[i]);
+            let labels = with_pod(&[("port", port), ("role", role), ("state", verdict)], pod);
+            sample(o, "websocket_connections_by_state", &labels, s.by_state[i]);
         }
     }
 
@@ -225,13 +241,9 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Bytes written by applications and not yet acknowledged by the peer, summed.",
     );
-    for ((port, role), s) in &series {
-        sample(
-            o,
-            "websocket_buffered_amount_bytes",
-            &[("port", port), ("role", role)],
-            s.send_queue,
-        );
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        sample(o, "websocket_buffered_amount_bytes", &labels, s.send_queue);
     }
 
     family(
@@ -240,8 +252,9 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "gauge",
         "Bytes received from the peer and not yet read by the application, summed.",
     );
-    for ((port, role), s) in &series {
-        sample(o, "websocket_receive_queue_bytes", &[("port", port), ("role", role)], s.recv_queue);
+    for (((port, role), pod), s) in &series {
+        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        sample(o, "websocket_receive_queue_bytes", &labels, s.recv_queue);
     }
 
     family(
@@ -365,6 +378,16 @@ pub fn render(inputs: &Inputs<'_>) -> String {
     out
 }
 
+/// `labels`, followed by `namespace` and `pod` when the series belongs to a pod.
+fn with_pod<'a>(labels: &Labels<'a>, pod: &'a PodKey<'a>) -> Vec<(&'a str, &'a dyn Display)> {
+    let mut all = labels.to_vec();
+    if let Some((namespace, name)) = pod {
+        all.push(("namespace", namespace));
+        all.push(("pod", name));
+    }
+    all
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -443,6 +466,7 @@ mod tests {
             events_lost: 4,
             untracked_map_full: 0,
             last_refresh_unix_seconds: 1_700_000_000.5,
+            pod_labels: false,
         })
     }
 
@@ -524,6 +548,50 @@ mod tests {
                 "websocket_close_total{port=\"8080\",role=\"server\",code=\"1011\",initiator=\"peer\"} 1",
             ],
         );
+    }
+
+    #[test]
+    fn pod_labels_split_gauges_by_pod_and_only_when_asked() {
+        let in_pod = |pod: &str| {
+            let mut c = conn(8080, "server", Verdict::Active, 3, 0);
+            c.attribution.namespace = Some("shop".into());
+            c.attribution.pod = Some(pod.into());
+            c.attribution.container = Some("ab".repeat(32));
+            c
+        };
+        let connections = [in_pod("cart-1"), in_pod("cart-1"), in_pod("cart-2")];
+        let mut agg = Aggregates::default();
+        agg.known.insert((8080, "server"));
+        agg.known.insert((9090, "client"));
+        let inputs = |pod_labels| Inputs {
+            connections: &connections,
+            aggregates: &agg,
+            events_lost: 0,
+            untracked_map_full: 0,
+            last_refresh_unix_seconds: 0.0,
+            pod_labels,
+        };
+
+        let text = render(&inputs(true));
+        assert_lines(
+            &text,
+            &[
+                "websocket_connections_active{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-1\"} 2",
+                "websocket_connections_active{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-2\"} 1",
+                "websocket_connections_by_state{port=\"8080\",role=\"server\",state=\"active\",namespace=\"shop\",pod=\"cart-1\"} 2",
+                "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-1\"} 6",
+                "websocket_receive_queue_bytes{port=\"8080\",role=\"server\",namespace=\"shop\",pod=\"cart-2\"} 0",
+                "websocket_connections_active{port=\"9090\",role=\"client\"} 0",
+            ],
+        );
+        // No unlabelled zero beside the pod series of the same port and role, and never a
+        // container ID.
+        assert!(!text.contains("websocket_connections_active{port=\"8080\",role=\"server\"}"));
+        assert!(!text.contains("abab"));
+
+        let text = render(&inputs(false));
+        assert!(!text.contains("pod="), "{text}");
+        assert!(text.contains("websocket_connections_active{port=\"8080\",role=\"server\"} 3\n"));
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //!
 //! Every command checks its prerequisites and installs what is missing, saying what it does:
 //! the nightly toolchain the kernel programs build with (with `rust-src`), `bpf-linker`, and for
-//! the tests the Python and Node peers. A prerequisite it cannot get is an error naming it and
-//! the fix.
+//! the tests the Python and Node peers and Debian's `prometheus` package (`promtool`, and the
+//! server the deployment tests scrape the agent with). A prerequisite it cannot get is an error
+//! naming it and the fix.
 
 use std::{
     env,
     ffi::OsString,
     fs,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
@@ -236,12 +238,53 @@ fn test(root: &Path, pytest_args: &[OsString]) -> anyhow::Result<()> {
     require_root("the privileged tests load kernel programs and create network namespaces")?;
     let binary = build(root)?;
     let python = test_peers(root)?;
+    prometheus_tools()?;
     step("privileged tests against real peers");
     sh(Command::new(python)
         .args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
         .args(pytest_args)
         .env("OBSERVER_BIN", binary))?;
     Ok(())
+}
+
+/// Installs Debian's `prometheus` package when `promtool` or `prometheus` is missing. Its
+/// maintainer scripts would start the packaged service; a `policy-rc.d` that forbids starting
+/// services stands for the length of the install (Debian's documented way, honoured with or
+/// without systemd), so nothing is left running.
+fn prometheus_tools() -> anyhow::Result<()> {
+    let have = |tool: &str| {
+        output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_some()
+    };
+    if have("promtool") && have("prometheus") {
+        return Ok(());
+    }
+    step(
+        "installing Debian's prometheus package (promtool, prometheus); its service is not started",
+    );
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        fs::write(
+            policy,
+            "#!/bin/sh\n# Written by cargo xtask during an install: start no service.\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        fs::set_permissions(policy, fs::Permissions::from_mode(0o755))?;
+    }
+    let install = || {
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "prometheus"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    let result = install().or_else(|_| {
+        step("apt-get update, then installing prometheus again");
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        install()
+    });
+    if ours {
+        let _ = fs::remove_file(policy);
+    }
+    result.context("fix: apt-get update && apt-get install --no-install-recommends prometheus")
 }
 
 /// Installs the test peers: a Python virtualenv with `tests/requirements.txt`, and the Node
