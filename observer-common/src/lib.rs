@@ -123,10 +123,30 @@ pub struct ConnState {
     pub tcp_state: u8,
     /// Bits from [`flags`].
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// Bits from [`ends`]: how the connection ended.
+    pub ends: u8,
+    pub _pad: [u8; 2],
+    /// Last time any segment arrived from the peer (data, ACK or window probe answer).
+    pub last_ingress_ns: u64,
+    /// When the send queue last went from empty to holding bytes.
+    pub unacked_since_ns: u64,
+    /// Last time the socket's retransmission count grew.
+    pub last_retrans_ns: u64,
+    /// Since when the peer advertises a zero receive window; zero while it does not.
+    pub zero_window_since_ns: u64,
+    /// Last TCP state change.
+    pub state_changed_ns: u64,
+    /// The socket's `total_retrans`: segments retransmitted.
+    pub total_retrans: u32,
+    /// Times the peer's window closed to zero.
+    pub zero_window_events: u32,
+    /// The peer's last advertised window, as on the wire (before scaling).
+    pub peer_window: u32,
+    /// Segments in flight when the connection reached `TCP_CLOSE`.
+    pub final_packets_out: u32,
 }
 
-const _: () = assert!(size_of::<ConnState>() == 168);
+const _: () = assert!(size_of::<ConnState>() == 224);
 
 impl ConnState {
     /// Bytes the peer acknowledged since establishment.
@@ -134,12 +154,15 @@ impl ConnState {
         self.tcp_bytes_acked.saturating_sub(self.acked_origin)
     }
 
-    /// Bytes TCP received from the peer since establishment.
+    /// Bytes TCP received from the peer since establishment. The kernel's count includes the
+    /// sequence number the peer's FIN takes; it is not a byte.
     pub const fn bytes_received(&self) -> u64 {
-        self.tcp_bytes_received.saturating_sub(self.received_origin)
+        let fin = (self.ends & ends::FIN_RECEIVED != 0) as u64;
+        self.tcp_bytes_received.saturating_sub(self.received_origin).saturating_sub(fin)
     }
 
     /// Bytes written by the application and not yet acknowledged by the peer.
+    #[inline(always)]
     pub const fn send_queue(&self) -> u64 {
         self.bytes_written.saturating_sub(self.bytes_acked())
     }
@@ -211,7 +234,7 @@ pub struct ConnEvent {
     pub frames: WsState,
 }
 
-const _: () = assert!(size_of::<ConnEvent>() == 24 + 168 + 304);
+const _: () = assert!(size_of::<ConnEvent>() == 24 + 224 + 304);
 
 /// A control frame (ping, pong or close) seen on a tracked connection.
 #[repr(C)]
@@ -246,6 +269,16 @@ pub struct ChunkEvent {
 }
 
 const _: () = assert!(size_of::<ChunkEvent>() == 24 + 8 + CHUNK_LEN);
+
+/// `ConnState::ends` bits.
+pub mod ends {
+    /// This end sent a reset.
+    pub const RST_SENT: u8 = 1 << 0;
+    /// This end received a reset.
+    pub const RST_RECEIVED: u8 = 1 << 1;
+    /// The peer sent FIN.
+    pub const FIN_RECEIVED: u8 = 1 << 2;
+}
 
 /// Indexes into the per-CPU `STATS` array of kernel-side counters.
 pub mod stat {

@@ -9,7 +9,10 @@
 //! partial send (`EAGAIN`) counts for what it moved and no more; reads with `MSG_PEEK` move
 //! nothing and are skipped.
 //!
-//! Only the tracepoint's own arguments are read, never a field of `struct sock`: the socket is
+//! The resets a socket sends and receives come from `tp_btf/tcp_send_reset` and
+//! `tp_btf/tcp_receive_reset`, and tell how a connection ended.
+//!
+//! Only the tracepoints' own arguments are read, never a field of `struct sock`: the socket is
 //! identified by `bpf_get_socket_cookie`, which takes the typed pointer.
 
 use core::ffi::c_void;
@@ -21,7 +24,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use observer_common::ConnState;
+use observer_common::{ConnState, ends};
 
 use crate::CONNS;
 
@@ -43,6 +46,9 @@ pub fn observer_send(ctx: BtfTracePointContext) -> i32 {
     // socket at the same instant could lose one addition; the socket layer serialises the sends
     // themselves, which makes that window a few instructions wide.
     unsafe {
+        if (*state).send_queue() == 0 {
+            (*state).unacked_since_ns = now;
+        }
         (*state).bytes_written += moved;
         (*state).last_write_ns = now;
     }
@@ -104,5 +110,31 @@ fn note_owner(state: *mut ConnState) {
         if let Ok(comm) = bpf_get_current_comm() {
             (*state).comm = comm;
         }
+    }
+}
+
+/// `tp_btf/tcp_receive_reset`, `TP_PROTO(struct sock *sk)`: the socket received a reset.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn observer_rst_in(ctx: BtfTracePointContext) -> i32 {
+    mark_end(&ctx, ends::RST_RECEIVED);
+    0
+}
+
+/// `tp_btf/tcp_send_reset`, `TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...)`:
+/// a reset left on behalf of the socket (`sk` is NULL for resets to segments of no socket).
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn observer_rst_out(ctx: BtfTracePointContext) -> i32 {
+    mark_end(&ctx, ends::RST_SENT);
+    0
+}
+
+#[inline(always)]
+fn mark_end(ctx: &BtfTracePointContext, bit: u8) {
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's typed `struct sock *`; the helper accepts NULL.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(state) = CONNS.get_ptr_mut(cookie) {
+        // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+        unsafe { (*state).ends |= bit };
     }
 }

@@ -2,11 +2,14 @@
 //!
 //! For each segment of a tracked socket this module does two things:
 //!
-//! - Ingress only: brings the socket's `bytes_acked` and `bytes_received` up to date. The
-//!   program runs before TCP processes the segment, so it reads the socket's values through
+//! - Ingress: brings the socket's `bytes_acked` and `bytes_received` up to date. The program
+//!   runs before TCP processes the segment, so it reads the socket's values through
 //!   `bpf_tcp_sock()` (as of the previous segment) and adds what this segment brings: new
 //!   acknowledged bytes (`ack_seq - snd_una`) and new in-order payload (`seq + len - rcv_nxt`).
 //!   A segment TCP later drops is corrected by the next one, which reads the socket afresh.
+//!   It also notes that the peer answered at all, and the window it advertises (zero: the
+//!   peer's application is not reading).
+//! - Both directions: the socket's retransmission count (`total_retrans`), and when it grew.
 //! - Both directions, while the connection is still being classified: copies the first
 //!   [`HEADER_WINDOW`] bytes of the stream to the agent as [`ChunkEvent`]s, tagged with their
 //!   offset in the stream, so the agent can parse the HTTP upgrade wherever segments split it.
@@ -14,7 +17,7 @@
 //!   and stops being tracked here, unless its port is watched.
 //!
 //! Fields read: `struct __sk_buff` `len` and `sk`, and `struct bpf_tcp_sock` `rcv_nxt`,
-//! `snd_una`, `bytes_received`, `bytes_acked`, all UAPI contexts the verifier translates to the
+//! `snd_una`, `bytes_received`, `bytes_acked`, `total_retrans`, all UAPI contexts the verifier translates to the
 //! running kernel's layout; and the IPv4/IPv6 and TCP headers of the packet, which start at
 //! offset 0 in both directions for `cgroup_skb`. Packets are never changed: both programs
 //! always return 1 (pass).
@@ -37,6 +40,7 @@ use crate::{CONNS, EVENTS, STOP_FWD, count, frames};
 
 const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_FLAG_RST: u8 = 0x04;
 /// Chunks copied from one segment at most (a loopback segment can hold the whole window).
 const MAX_CHUNKS: u32 = HEADER_WINDOW / CHUNK_LEN as u32;
 
@@ -57,6 +61,8 @@ struct Segment {
     seq: u32,
     ack_seq: u32,
     tcp_flags: u8,
+    /// Receive window the sender advertises, as on the wire.
+    window: u16,
     payload_offset: u32,
     payload_len: u32,
 }
@@ -71,9 +77,7 @@ fn segment(ctx: &SkBuffContext, direction: Direction) {
     let Some(seg) = parse(ctx) else {
         return;
     };
-    if direction == Direction::Ingress {
-        account_ingress(ctx, state, &seg);
-    }
+    account(ctx, state, &seg, direction);
     if seg.payload_len > 0 {
         forward(ctx, cookie, state, &seg, direction);
         // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
@@ -106,21 +110,23 @@ fn parse(ctx: &SkBuffContext) -> Option<Segment> {
     let ack_seq = u32::from_be(ctx.load::<u32>(at + 8).ok()?);
     let data_offset: u8 = ctx.load(at + 12).ok()?;
     let tcp_flags: u8 = ctx.load(at + 13).ok()?;
+    let window = u16::from_be(ctx.load::<u16>(at + 14).ok()?);
     let payload_offset = ip_len + u32::from(data_offset >> 4) * 4;
     Some(Segment {
         seq,
         ack_seq,
         tcp_flags,
+        window,
         payload_offset,
         payload_len: ctx.len().saturating_sub(payload_offset),
     })
 }
 
 #[inline(always)]
-fn account_ingress(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment) {
+fn account(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment, direction: Direction) {
     // SAFETY: the context is valid; `sk` is checked for NULL and narrowed by the helpers, whose
     // results are checked for NULL before any field is read.
-    let (rcv_nxt, snd_una, received, acked) = unsafe {
+    let (rcv_nxt, snd_una, received, acked, retrans) = unsafe {
         let sk: *mut bpf_sock = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
             return;
@@ -133,10 +139,21 @@ fn account_ingress(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment) {
         if tp.is_null() {
             return;
         }
-        ((*tp).rcv_nxt, (*tp).snd_una, (*tp).bytes_received, (*tp).bytes_acked)
+        ((*tp).rcv_nxt, (*tp).snd_una, (*tp).bytes_received, (*tp).bytes_acked, (*tp).total_retrans)
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+
+    // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+    unsafe {
+        if retrans > (*state).total_retrans {
+            (*state).last_retrans_ns = now;
+        }
+        (*state).total_retrans = retrans;
+    }
+    if direction == Direction::Egress {
+        return;
+    }
 
     let mut acked_now = acked;
     if seg.tcp_flags & TCP_FLAG_ACK != 0 {
@@ -153,8 +170,18 @@ fn account_ingress(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment) {
         received_now += new_bytes as u64;
     }
 
-    // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+    // SAFETY: as above.
     unsafe {
+        (*state).last_ingress_ns = now;
+        (*state).peer_window = u32::from(seg.window);
+        if seg.window == 0 && seg.tcp_flags & TCP_FLAG_RST == 0 {
+            if (*state).zero_window_since_ns == 0 {
+                (*state).zero_window_since_ns = now;
+                (*state).zero_window_events += 1;
+            }
+        } else {
+            (*state).zero_window_since_ns = 0;
+        }
         if acked_now > (*state).tcp_bytes_acked {
             (*state).last_ack_ns = now;
         }

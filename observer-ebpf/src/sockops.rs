@@ -2,26 +2,28 @@
 //!
 //! `BPF_SOCK_OPS_{ACTIVE,PASSIVE}_ESTABLISHED_CB` fire once per connection when the three-way
 //! handshake completes: active for the end that connected out (client), passive for the end
-//! accepted on a listener (server). There the entry is created and the state callback
-//! (`BPF_SOCK_OPS_STATE_CB`) is switched on for that socket, so every later state change, down
-//! to `TCP_CLOSE`, arrives here too.
+//! accepted on a listener (server). There the entry is created and three more callbacks are
+//! switched on for that socket: every state change down to `TCP_CLOSE` (`STATE_CB`), every
+//! retransmission (`RETRANS_CB`) and every retransmission timeout (`RTO_CB`), the evidence that
+//! a peer stopped answering.
 //!
 //! Fields read, all from `struct bpf_sock_ops`, a UAPI context the kernel translates into its
 //! own socket layout at load time, so they hold on any kernel with these callbacks (4.17+):
 //! `family`, `local_ip4/6`, `remote_ip4/6`, `local_port` (host order), `remote_port` (network
 //! order in the upper 16 bits), `snd_nxt`, `rcv_nxt`, `bytes_acked`, `bytes_received`,
-//! `is_fullsock`, `args[1]` (the new state).
+//! `is_fullsock`, `packets_out`, `total_retrans`, `args[1]` (the new state).
 
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use observer_common::{ConnState, EventKind, Role, flags, stat};
+use observer_common::{ConnState, EventKind, Role, ends, flags, stat};
 
 use crate::{CONNS, FRAMES, STOP_FWD, WATCHED_PORTS, count, emit_conn};
 
@@ -29,6 +31,8 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_CLOSING: u32 = 11;
 
 #[sock_ops]
 pub fn observer_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -36,6 +40,8 @@ pub fn observer_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, Role::Client),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, Role::Server),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        BPF_SOCK_OPS_RETRANS_CB => retransmitted(&ctx, true),
+        BPF_SOCK_OPS_RTO_CB => retransmitted(&ctx, false),
         _ => {}
     }
     1
@@ -53,7 +59,8 @@ fn established(ctx: &SockOpsContext, role: Role) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let mut state = ConnState { established_ns: now, ..ConnState::default() };
+    let mut state =
+        ConnState { established_ns: now, state_changed_ns: now, ..ConnState::default() };
     // SAFETY: plain context field reads, rewritten by the verifier.
     unsafe {
         state.tcp_bytes_acked = (*ops).bytes_acked;
@@ -101,8 +108,11 @@ fn established(ctx: &SockOpsContext, role: Role) {
         count(stat::CONNS_FULL);
         return;
     }
-    // Ask for this socket's state changes, keeping whatever callbacks others asked for.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // Ask for this socket's state changes, retransmissions and retransmission timeouts, keeping
+    // whatever callbacks others asked for.
+    let wanted =
+        BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
     if watched {
         emit_conn(EventKind::Open, cookie, now, &state);
     }
@@ -117,13 +127,23 @@ fn state_changed(ctx: &SockOpsContext) {
         return;
     };
     let new_state = ctx.arg(1);
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `state` comes from a successful map lookup and stays valid during this run;
     // the context fields are rewritten by the verifier.
     unsafe {
         (*state).tcp_state = new_state as u8;
+        (*state).state_changed_ns = now;
+        if new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING {
+            (*state).ends |= ends::FIN_RECEIVED;
+        }
         if (*ops).is_fullsock != 0 {
             (*state).tcp_bytes_acked = (*ops).bytes_acked;
             (*state).tcp_bytes_received = (*ops).bytes_received;
+            (*state).total_retrans = (*ops).total_retrans;
+            if new_state == TCP_CLOSE {
+                (*state).final_packets_out = (*ops).packets_out;
+            }
         }
     }
     if new_state != TCP_CLOSE {
@@ -133,12 +153,32 @@ fn state_changed(ctx: &SockOpsContext) {
     // SAFETY: as above.
     let reported = unsafe { (*state).flags } & (flags::WATCHED | flags::HTTP_CANDIDATE) != 0;
     if reported {
-        // SAFETY: no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: as above.
         emit_conn(EventKind::Close, cookie, now, unsafe { &*state });
     }
     let _ = CONNS.remove(cookie);
     let _ = FRAMES.remove(cookie);
     let _ = STOP_FWD.remove(cookie);
+}
+
+/// A segment was retransmitted (`segment`), or the retransmission timer fired.
+#[inline(always)]
+fn retransmitted(ctx: &SockOpsContext, segment: bool) {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the program's context, valid for the whole run.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+    let Some(state) = CONNS.get_ptr_mut(cookie) else {
+        return;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `state` comes from a successful map lookup and stays valid during this run; the
+    // context field is rewritten by the verifier.
+    unsafe {
+        (*state).last_retrans_ns = now;
+        // The callback may run before the socket counts this retransmission: count it here.
+        let counted = if segment { (*state).total_retrans + 1 } else { (*state).total_retrans };
+        let socket = if (*ops).is_fullsock != 0 { (*ops).total_retrans } else { 0 };
+        (*state).total_retrans = if socket > counted { socket } else { counted };
+    }
 }

@@ -183,6 +183,7 @@ fn refresh(
         events_lost: stats[stat::EVENTS_LOST as usize],
         untracked_map_full: stats[stat::CONNS_FULL as usize],
         last_refresh_unix_seconds: now_unix,
+        hooks: &kernel.hooks,
         pod_labels,
     });
     shared.publish(Snapshot { connections, metrics, taken: Instant::now() });

@@ -18,7 +18,7 @@ use tracing::{debug, info};
 use crate::{
     handshake::{Handshake, Outcome as HandshakeOutcome, Upgrade},
     metrics::{Aggregates, Outcome, SeriesKey, close_code_label, kernel_buckets},
-    verdict::{Thresholds, Verdict, judge},
+    verdict::{Judgement, Thresholds, Verdict, close_reason, judge},
 };
 
 const AF_INET: u16 = 2;
@@ -48,6 +48,10 @@ pub struct ConnectionView {
     /// `websocket`, `http`, `tls`, `h2` or `unknown`, from the first bytes.
     pub protocol: String,
     pub state: Verdict,
+    /// One sentence of evidence for the verdict.
+    pub detail: String,
+    /// Seconds since the verdict last changed.
+    pub state_age_seconds: f64,
     pub tcp_state: String,
     pub age_seconds: f64,
     pub last_send_age_seconds: Option<f64>,
@@ -70,6 +74,10 @@ pub struct ConnectionView {
     pub last_frame_age_seconds: Option<f64>,
     /// Code of the first close frame, either way.
     pub close_code: Option<u16>,
+    /// Segments this end retransmitted.
+    pub retransmits: u32,
+    /// Whether the peer currently advertises a zero receive window.
+    pub zero_window: bool,
     /// The kernel's socket cookie, unique on this host until reboot.
     pub cookie: u64,
     /// Namespace, pod and container of `pid`, shown as three fields.
@@ -106,6 +114,8 @@ struct Conn {
     upgrade: Option<Upgrade>,
     protocol: &'static str,
     verdict: Option<Verdict>,
+    /// When `verdict` last changed.
+    verdict_since_ns: u64,
     /// Counted in `websocket_connections_total{result="accept"}`.
     accepted: bool,
     pings: u64,
@@ -130,6 +140,7 @@ impl Conn {
             upgrade: None,
             protocol: "unknown",
             verdict: None,
+            verdict_since_ns: 0,
             accepted: false,
             pings: 0,
             pongs: 0,
@@ -366,8 +377,12 @@ impl Tracker {
                     *self.aggregates.pong_missed.entry(series).or_default() += 1;
                 }
             }
-            let verdict = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
-            let view = view(cookie, conn, verdict, now_ns);
+            let judgement = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
+            let verdict = judgement.verdict;
+            if conn.verdict != Some(verdict) {
+                conn.verdict_since_ns = now_ns;
+            }
+            let view = view(cookie, conn, judgement, now_ns);
             if conn.verdict != Some(verdict) {
                 info!(
                     cookie,
@@ -378,6 +393,7 @@ impl Tracker {
                     comm = view.comm.as_deref().unwrap_or(""),
                     from = conn.verdict.map_or("new", Verdict::as_str),
                     to = verdict.as_str(),
+                    detail = %view.detail,
                     "connection verdict changed"
                 );
                 conn.verdict = Some(verdict);
@@ -406,6 +422,8 @@ impl Tracker {
             let outcome =
                 if conn.close_frames == [true, true] { Outcome::Close } else { Outcome::Abort };
             self.aggregates.count(conn.series(), outcome);
+            let reason = close_reason(&conn.state);
+            *self.aggregates.closed.entry((conn.series(), reason)).or_default() += 1;
         } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
             // Closed while the upgrade waited for its answer.
             self.aggregates.count(conn.series(), Outcome::Reject);
@@ -477,7 +495,7 @@ pub fn sniff(first: &[u8]) -> &'static str {
     }
 }
 
-fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionView {
+fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> ConnectionView {
     let s = &conn.state;
     let age = |then: u64| (then != 0).then(|| seconds(now_ns.saturating_sub(then)));
     let comm = {
@@ -496,7 +514,9 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         comm,
         websocket: upgrade.is_some(),
         protocol: conn.protocol.to_owned(),
-        state: verdict,
+        state: judgement.verdict,
+        detail: judgement.detail,
+        state_age_seconds: seconds(now_ns.saturating_sub(conn.verdict_since_ns)),
         tcp_state: tcp_state_name(s.tcp_state).to_owned(),
         age_seconds: seconds(now_ns.saturating_sub(s.established_ns)),
         last_send_age_seconds: age(s.last_write_ns),
@@ -516,6 +536,8 @@ fn view(cookie: u64, conn: &Conn, verdict: Verdict, now_ns: u64) -> ConnectionVi
         last_pong_latency_seconds: conn.last_pong_latency_ns.map(seconds),
         last_frame_age_seconds: age(last_frame),
         close_code: conn.close_code,
+        retransmits: s.total_retrans,
+        zero_window: s.zero_window_since_ns != 0,
         cookie,
         attribution: crate::k8s::Attribution::default(),
     }

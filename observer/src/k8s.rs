@@ -52,6 +52,12 @@ pub struct Attribution {
     /// Container ID (64 hex digits) as the runtime names it.
     #[serde(default)]
     pub container: Option<String>,
+    /// The process's cgroup v2 path.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Inode of the process's network namespace (`/proc/<pid>/ns/net`).
+    #[serde(default)]
+    pub netns: Option<u64>,
 }
 
 /// What a cgroup path tells about its process.
@@ -91,6 +97,16 @@ pub fn parse_proc_cgroup(text: &str) -> CgroupIds {
         return ids;
     }
     legacy.into_iter().map(parse_cgroup_path).find(|ids| !ids.is_empty()).unwrap_or_default()
+}
+
+/// The cgroup v2 path (`0::/path`) in the contents of `/proc/<pid>/cgroup`.
+pub fn unified_cgroup(text: &str) -> Option<String> {
+    text.lines().find_map(|line| line.strip_prefix("0::")).map(str::to_owned)
+}
+
+/// The inode in a namespace link such as `net:[4026531840]`.
+pub fn parse_ns_link(link: &str) -> Option<u64> {
+    link.split_once(":[")?.1.strip_suffix(']')?.parse().ok()
 }
 
 /// Finds the pod UID and the container ID in one cgroup path. The container is the deepest
@@ -143,6 +159,8 @@ pub fn parse_pod_log_dir(name: &str) -> Option<(&str, &str, &str)> {
 
 struct PidEntry {
     ids: CgroupIds,
+    cgroup: Option<String>,
+    netns: Option<u64>,
     read_at: Instant,
 }
 
@@ -182,16 +200,25 @@ impl Resolver {
         let fresh = self.by_pid.get(&pid).is_some_and(|e| now.duration_since(e.read_at) < PID_TTL);
         if !fresh {
             // A process that is already gone keeps no attribution.
-            let path = self.proc_root.join(pid.to_string()).join("cgroup");
-            let ids = fs::read_to_string(path).map(|t| parse_proc_cgroup(&t)).unwrap_or_default();
-            self.by_pid.insert(pid, PidEntry { ids, read_at: now });
+            let dir = self.proc_root.join(pid.to_string());
+            let text = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+            let ids = parse_proc_cgroup(&text);
+            let cgroup = unified_cgroup(&text);
+            let netns = fs::read_link(dir.join("ns/net"))
+                .ok()
+                .and_then(|link| parse_ns_link(&link.to_string_lossy()));
+            self.by_pid.insert(pid, PidEntry { ids, cgroup, netns, read_at: now });
         }
-        let ids = self.by_pid[&pid].ids.clone();
+        let entry = &self.by_pid[&pid];
+        let (cgroup, netns) = (entry.cgroup.clone(), entry.netns);
+        let ids = entry.ids.clone();
         let pod = ids.pod_uid.as_deref().and_then(|uid| self.pod(uid, now));
         Attribution {
             namespace: pod.as_ref().map(|(ns, _)| ns.clone()),
             pod: pod.map(|(_, name)| name),
             container: ids.container_id,
+            cgroup,
+            netns,
         }
     }
 
@@ -394,7 +421,12 @@ mod tests {
         let t0 = Instant::now();
         let mut conns = [view(42), view(7)];
         resolver.annotate(&mut conns, t0);
-        let unnamed = Attribution { container: Some(ID.into()), ..Attribution::default() };
+        let path = format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope");
+        let unnamed = Attribution {
+            container: Some(ID.into()),
+            cgroup: Some(path.clone()),
+            ..Attribution::default()
+        };
         assert_eq!(conns[0].attribution, unnamed, "pod dir not there yet");
         assert_eq!(conns[1].attribution, Attribution::default(), "no such process");
 
@@ -407,6 +439,8 @@ mod tests {
             namespace: Some("shop".into()),
             pod: Some("cart-7d4b9".into()),
             container: Some(ID.into()),
+            cgroup: Some(path),
+            netns: None,
         };
         assert_eq!(conns[0].attribution, named);
 
@@ -415,7 +449,8 @@ mod tests {
         resolver.annotate(&mut conns, t0 + RESCAN_EVERY + Duration::from_secs(1));
         assert_eq!(conns[0].attribution, named);
         resolver.annotate(&mut conns, t0 + RESCAN_EVERY + PID_TTL);
-        assert_eq!(conns[0].attribution, Attribution::default());
+        let outside = Attribution { cgroup: Some("/user.slice".into()), ..Attribution::default() };
+        assert_eq!(conns[0].attribution, outside);
 
         // Pids without connections leave the cache.
         resolver.annotate(&mut [], t0);
@@ -423,13 +458,25 @@ mod tests {
     }
 
     #[test]
-    fn attribution_is_three_flat_json_fields() {
+    fn attribution_is_flat_json_fields() {
         let mut v = view(1);
         v.attribution.pod = Some("p".into());
+        v.attribution.netns = Some(4026531840);
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["pod"], "p");
+        assert_eq!(json["netns"], 4026531840u64);
         assert!(json["namespace"].is_null() && json["container"].is_null());
+        assert!(json["cgroup"].is_null());
         let back: ConnectionView = serde_json::from_value(json).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn namespace_links_and_unified_paths() {
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_ns_link("net:4026531840"), None);
+        let text = "12:memory:/kubepods\n0::/system.slice/nginx.service\n";
+        assert_eq!(unified_cgroup(text).as_deref(), Some("/system.slice/nginx.service"));
+        assert_eq!(unified_cgroup("1:name=systemd:/\n"), None);
     }
 }

@@ -77,6 +77,8 @@ pub struct Kernel {
     pub stats: PerCpuArray<MapData, u64>,
     /// Taken by the event loop.
     pub events: Option<RingBuf<MapData>>,
+    /// Optional programs, and whether each is attached.
+    pub hooks: Vec<(&'static str, bool)>,
 }
 
 impl Kernel {
@@ -121,6 +123,25 @@ impl Kernel {
             prog.attach().map_err(|e| failed("attach", e))?;
         }
 
+        // Optional: without them, how connections ended is less precise, nothing else changes.
+        let mut hooks = Vec::new();
+        for (program, tracepoint, lost) in [
+            ("observer_rst_in", "tcp_receive_reset", "resets received"),
+            ("observer_rst_out", "tcp_send_reset", "resets sent"),
+        ] {
+            let prog: &mut BtfTracePoint = program_mut(&mut ebpf, program)?;
+            let attached = prog.load(tracepoint, &btf).and_then(|()| prog.attach().map(drop));
+            if let Err(error) = &attached {
+                warn!(
+                    program,
+                    attach_point = %format!("tp_btf/{tracepoint}"),
+                    %error,
+                    "optional hook not attached: {lost} are not told apart from clean closes"
+                );
+            }
+            hooks.push((program, attached.is_ok()));
+        }
+
         let cgroup_point = |kind: &str| format!("{kind} on cgroup {}", cgroup_path.display());
         for (program, attach_type, kind) in [
             ("observer_ingress", CgroupSkbAttachType::Ingress, "cgroup_skb/ingress"),
@@ -157,6 +178,7 @@ impl Kernel {
             stop_forwarding: take_map(&mut ebpf, "STOP_FWD")?,
             stats: take_map(&mut ebpf, "STATS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
+            hooks,
             _ebpf: ebpf,
         })
     }

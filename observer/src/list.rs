@@ -53,6 +53,7 @@ pub fn table(connections: &[ConnectionView]) -> String {
             "LAST-SEND",
             "LAST-RECV",
             "WS",
+            "DETAIL",
         ]
         .map(String::from),
     ];
@@ -69,6 +70,7 @@ pub fn table(connections: &[ConnectionView]) -> String {
             age(c.last_send_age_seconds),
             age(c.last_recv_age_seconds),
             if c.websocket { "yes" } else { "no" }.into(),
+            c.detail.clone(),
         ]);
     }
     let widths: Vec<usize> =

@@ -125,6 +125,8 @@ pub struct Aggregates {
     /// `((port, role), code label, initiator)`.
     pub closes: BTreeMap<(SeriesKey, String, &'static str), u64>,
     pub violations: BTreeMap<SeriesKey, u64>,
+    /// `((port, role), reason)` of connections that ended.
+    pub closed: BTreeMap<(SeriesKey, &'static str), u64>,
     /// Times frame tracking of a direction was lost.
     pub tracking_lost: u64,
 }
@@ -163,6 +165,8 @@ pub struct Inputs<'a> {
     pub events_lost: u64,
     pub untracked_map_full: u64,
     pub last_refresh_unix_seconds: f64,
+    /// Optional kernel programs, and whether each is attached.
+    pub hooks: &'a [(&'static str, bool)],
     /// Break the gauges of open connections down by `namespace` and `pod`.
     pub pod_labels: bool,
 }
@@ -337,6 +341,18 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         sample(o, "websocket_protocol_violations_total", &[("port", port), ("role", role)], *n);
     }
 
+    family(
+        o,
+        "websocket_connections_closed_total",
+        "counter",
+        "WebSocket connection ends by how TCP ended: clean, reset_sent, reset_received, timeout \
+         (retransmissions gave up), aborted (closed with data unread).",
+    );
+    for (((port, role), reason), n) in &agg.closed {
+        let labels: &Labels = &[("port", port), ("role", role), ("reason", reason)];
+        sample(o, "websocket_connections_closed_total", labels, *n);
+    }
+
     family(o, "observer_build_info", "gauge", "Build of the running agent.");
     sample(o, "observer_build_info", &[("version", &env!("CARGO_PKG_VERSION"))], 1);
 
@@ -363,6 +379,16 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Stream directions whose frame boundaries were lost (bytes the kernel never saw).",
     );
     sample(o, "observer_frame_tracking_lost_total", &[], agg.tracking_lost);
+
+    family(
+        o,
+        "observer_hook_attached",
+        "gauge",
+        "Whether an optional kernel program is attached (1) or not (0, with what is lost logged).",
+    );
+    for (program, attached) in inputs.hooks {
+        sample(o, "observer_hook_attached", &[("program", program)], u64::from(*attached));
+    }
 
     family(
         o,
@@ -466,6 +492,7 @@ mod tests {
             events_lost: 4,
             untracked_map_full: 0,
             last_refresh_unix_seconds: 1_700_000_000.5,
+            hooks: &[("observer_rst_in", true), ("observer_rst_out", false)],
             pod_labels: false,
         })
     }
@@ -514,6 +541,7 @@ mod tests {
                 "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\"} 15",
                 "websocket_receive_queue_bytes{port=\"8080\",role=\"server\"} 700",
                 "observer_events_lost_total 4",
+                "observer_hook_attached{program=\"observer_rst_out\"} 0",
                 "observer_last_refresh_timestamp_seconds 1700000000.500",
             ],
         );
@@ -569,6 +597,7 @@ mod tests {
             events_lost: 0,
             untracked_map_full: 0,
             last_refresh_unix_seconds: 0.0,
+            hooks: &[],
             pod_labels,
         };
 

@@ -2,7 +2,7 @@
 
 use std::{fmt, time::Duration};
 
-use observer_common::ConnState;
+use observer_common::{ConnState, ends};
 use serde::{Deserialize, Serialize};
 
 /// The state of one connection end, worst first.
@@ -11,9 +11,18 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
+    /// Data sent is not acknowledged for the stall threshold and nothing at all comes back from
+    /// the peer: it vanished, the link is cut, or a NAT dropped the flow.
+    PeerUnresponsive,
+    /// The send queue does not drain for the stall threshold while the peer keeps answering with
+    /// a zero or small window: the peer's application is not reading.
+    Backpressured,
     /// Bytes sit unread in the receive queue and the application has not read for the stall
     /// threshold.
     NotReading,
+    /// The peer closed its side (FIN) and the local application has kept the socket open for
+    /// the idle threshold.
+    HalfClosed,
     /// No application data in either direction for the idle threshold.
     Idle,
     /// Application data in either direction within the idle threshold.
@@ -22,11 +31,21 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Self; 3] = [Self::NotReading, Self::Idle, Self::Active];
+    pub const ALL: [Self; 6] = [
+        Self::PeerUnresponsive,
+        Self::Backpressured,
+        Self::NotReading,
+        Self::HalfClosed,
+        Self::Idle,
+        Self::Active,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
+            Self::PeerUnresponsive => "peer_unresponsive",
+            Self::Backpressured => "backpressured",
             Self::NotReading => "not_reading",
+            Self::HalfClosed => "half_closed",
             Self::Idle => "idle",
             Self::Active => "active",
         }
@@ -46,12 +65,46 @@ pub struct Thresholds {
     pub stall_after: Duration,
 }
 
+/// A verdict and one short sentence of the evidence behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
 /// Nanoseconds from `then` to `now`; zero when `then` is in the future.
 fn since(now_ns: u64, then_ns: u64) -> u64 {
     now_ns.saturating_sub(then_ns)
 }
 
-/// Decides the verdict of one connection end at `now_ns` (`CLOCK_MONOTONIC`).
+/// A duration for people: `850 ms`, `12 s`, `3.5 min`, `2.0 h`.
+fn human_ns(ns: u64) -> String {
+    let s = ns as f64 / 1e9;
+    if s < 1.0 {
+        format!("{} ms", (s * 1000.0).round())
+    } else if s < 120.0 {
+        format!("{} s", s.round())
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// A byte count for people: `512 B`, `41 KiB`, `3.2 MiB`.
+fn human_bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1024 * 1024 {
+        format!("{} KiB", n / 1024)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+    }
+}
+
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// Decides the verdict of one connection end at `now_ns` (`CLOCK_MONOTONIC`), worst rule first.
 ///
 /// `data_activity_ns` is the last data frame either way when frames are tracked: pings and pongs
 /// keep a connection alive but are not application data. Without it, any byte written by the
@@ -61,19 +114,111 @@ pub fn judge(
     data_activity_ns: Option<u64>,
     now_ns: u64,
     thresholds: &Thresholds,
-) -> Verdict {
+) -> Judgement {
     let stall = thresholds.stall_after.as_nanos() as u64;
     let idle = thresholds.idle_after.as_nanos() as u64;
+    let at = |then: u64| since(now_ns, then.max(state.established_ns));
+    let judged = |verdict, detail| Judgement { verdict, detail };
+
+    // The send queue has not moved: the bytes have waited since they were written or since the
+    // last acknowledgement, whichever is later.
+    let send_queue = state.send_queue();
+    let stuck = at(state.unacked_since_ns.max(state.last_ack_ns));
+    if send_queue > 0 && stuck >= stall {
+        let quiet = at(state.last_ingress_ns);
+        let unacked = format!("{} unacked for {}", human_bytes(send_queue), human_ns(stuck));
+        if state.zero_window_since_ns != 0 {
+            let zero = human_ns(since(now_ns, state.zero_window_since_ns));
+            return judged(
+                Verdict::Backpressured,
+                format!("{unacked}, the peer has advertised a zero window for {zero}"),
+            );
+        }
+        // Retransmissions while the bytes waited are the evidence; without any (a long
+        // retransmission timeout), twice the threshold of silence is.
+        let retransmitted = state.last_retrans_ns >= state.unacked_since_ns.max(state.last_ack_ns)
+            && state.last_retrans_ns != 0;
+        if quiet < stall {
+            return judged(
+                Verdict::Backpressured,
+                format!(
+                    "{unacked}, the peer answers ({} ago) with a window of {}",
+                    human_ns(quiet),
+                    state.peer_window
+                ),
+            );
+        }
+        if retransmitted || quiet >= 2 * stall {
+            return judged(
+                Verdict::PeerUnresponsive,
+                format!(
+                    "{unacked}, {} retransmissions, nothing from the peer for {}",
+                    state.total_retrans,
+                    human_ns(quiet)
+                ),
+            );
+        }
+        // Silent, but not yet for long enough without a retransmission to say why.
+    }
 
     // Unread since the later of: the bytes started waiting, the application last read.
-    let waiting_since = state.unread_since_ns.max(state.last_read_ns).max(state.established_ns);
-    if state.recv_queue() > 0 && since(now_ns, waiting_since) >= stall {
-        return Verdict::NotReading;
+    let recv_queue = state.recv_queue();
+    let unread = at(state.unread_since_ns.max(state.last_read_ns));
+    if recv_queue > 0 && unread >= stall {
+        let unread = format!("{} unread for {}", human_bytes(recv_queue), human_ns(unread));
+        let last_write = at(state.last_write_ns);
+        let detail = if last_write >= stall {
+            format!(
+                "{unread} and nothing written for {}: the process looks frozen",
+                human_ns(last_write)
+            )
+        } else {
+            format!(
+                "{unread} while it still writes ({} ago): it stopped reading",
+                human_ns(last_write)
+            )
+        };
+        return judged(Verdict::NotReading, detail);
+    }
+
+    let half_closed = at(state.state_changed_ns);
+    if state.tcp_state == TCP_CLOSE_WAIT && half_closed >= idle {
+        return judged(
+            Verdict::HalfClosed,
+            format!(
+                "the peer closed its side {} ago and the socket is still open",
+                human_ns(half_closed)
+            ),
+        );
     }
 
     let last_data = data_activity_ns
         .unwrap_or_else(|| state.last_write_ns.max(state.last_rx_ns).max(state.established_ns));
-    if since(now_ns, last_data) >= idle { Verdict::Idle } else { Verdict::Active }
+    let quiet = since(now_ns, last_data);
+    if quiet >= idle {
+        judged(Verdict::Idle, format!("no application data either way for {}", human_ns(quiet)))
+    } else {
+        judged(Verdict::Active, format!("application data {} ago", human_ns(quiet)))
+    }
+}
+
+/// How a connection ended, for `websocket_connections_closed_total{reason}`.
+pub fn close_reason(state: &ConnState) -> &'static str {
+    let rst_sent = state.ends & ends::RST_SENT != 0;
+    let rst_received = state.ends & ends::RST_RECEIVED != 0;
+    if rst_sent && state.recv_queue() > 0 {
+        // Closed by the application with bytes it never read: the kernel resets.
+        "aborted"
+    } else if rst_received {
+        "reset_received"
+    } else if rst_sent {
+        "reset_sent"
+    } else if state.final_packets_out > 0 || state.send_queue() > 0 {
+        // Ended with data never acknowledged and no reset: TCP gave up retransmitting.
+        "timeout"
+    } else {
+        "clean"
+    }
 }
 
 #[cfg(test)]
@@ -91,21 +236,21 @@ mod tests {
     #[test]
     fn fresh_connection_is_active_until_idle_threshold() {
         let c = conn();
-        assert_eq!(judge(&c, None, 100 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, None, 159 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, None, 160 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 100 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 159 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 160 * S, &T).verdict, Verdict::Idle);
     }
 
     #[test]
     fn data_either_way_keeps_it_active() {
         let mut c = conn();
         c.last_write_ns = 200 * S;
-        assert_eq!(judge(&c, None, 250 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, None, 260 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 250 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 260 * S, &T).verdict, Verdict::Idle);
         c.last_rx_ns = 255 * S;
         c.tcp_bytes_received = 10;
         c.bytes_read = 10;
-        assert_eq!(judge(&c, None, 260 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 260 * S, &T).verdict, Verdict::Active);
     }
 
     #[test]
@@ -116,8 +261,8 @@ mod tests {
         c.last_read_ns = 110 * S;
         c.unread_since_ns = 112 * S;
         c.last_rx_ns = 125 * S;
-        assert_eq!(judge(&c, None, 121 * S, &T), Verdict::Active);
-        assert_eq!(judge(&c, None, 122 * S, &T), Verdict::NotReading);
+        assert_eq!(judge(&c, None, 121 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 122 * S, &T).verdict, Verdict::NotReading);
     }
 
     #[test]
@@ -128,7 +273,7 @@ mod tests {
         c.unread_since_ns = 101 * S;
         c.last_read_ns = 150 * S;
         c.last_rx_ns = 150 * S;
-        assert_eq!(judge(&c, None, 155 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, None, 155 * S, &T).verdict, Verdict::Active);
     }
 
     #[test]
@@ -137,21 +282,115 @@ mod tests {
         c.tcp_bytes_received = 5000;
         c.bytes_read = 5000;
         c.last_read_ns = 101 * S;
-        assert_eq!(judge(&c, None, 300 * S, &T), Verdict::Idle);
+        assert_eq!(judge(&c, None, 300 * S, &T).verdict, Verdict::Idle);
     }
 
     #[test]
     fn frame_activity_replaces_byte_activity() {
         let mut c = conn();
         c.last_write_ns = 200 * S; // heartbeat bytes
-        assert_eq!(judge(&c, Some(100 * S), 200 * S, &T), Verdict::Idle);
-        assert_eq!(judge(&c, Some(150 * S), 200 * S, &T), Verdict::Active);
+        assert_eq!(judge(&c, Some(100 * S), 200 * S, &T).verdict, Verdict::Idle);
+        assert_eq!(judge(&c, Some(150 * S), 200 * S, &T).verdict, Verdict::Active);
     }
 
     #[test]
     fn worst_sorts_first() {
-        let mut all = vec![Verdict::Active, Verdict::NotReading, Verdict::Idle];
+        let mut all = Verdict::ALL.to_vec();
+        all.reverse();
         all.sort();
         assert_eq!(all, Verdict::ALL);
+    }
+
+    /// A connection that wrote 40 KiB at 110 s, none of it acknowledged.
+    fn stuck() -> ConnState {
+        let mut c = conn();
+        c.bytes_written = 41_000;
+        c.last_write_ns = 110 * S;
+        c.unacked_since_ns = 110 * S;
+        c.last_ingress_ns = 105 * S;
+        c.total_retrans = 6;
+        c.last_retrans_ns = 116 * S;
+        c
+    }
+
+    #[test]
+    fn silence_from_the_peer_with_unacked_data_is_peer_unresponsive() {
+        let c = stuck();
+        assert_eq!(judge(&c, None, 119 * S, &T).verdict, Verdict::Active);
+        let j = judge(&c, None, 122 * S, &T);
+        assert_eq!(j.verdict, Verdict::PeerUnresponsive);
+        assert_eq!(
+            j.detail,
+            "40 KiB unacked for 12 s, 6 retransmissions, nothing from the peer for 17 s"
+        );
+    }
+
+    #[test]
+    fn without_a_retransmission_silence_must_last_twice_as_long() {
+        let mut c = stuck();
+        c.last_retrans_ns = 0;
+        c.last_ingress_ns = 110 * S;
+        assert_eq!(judge(&c, None, 125 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 130 * S, &T).verdict, Verdict::PeerUnresponsive);
+    }
+
+    #[test]
+    fn a_peer_that_answers_with_a_zero_window_is_backpressure_not_loss() {
+        let mut c = stuck();
+        c.last_ingress_ns = 121 * S;
+        c.zero_window_since_ns = 111 * S;
+        c.total_retrans = 0;
+        let j = judge(&c, None, 122 * S, &T);
+        assert_eq!(j.verdict, Verdict::Backpressured);
+        assert!(j.detail.contains("zero window for 11 s"), "{}", j.detail);
+        // Even when its window probes are answered rarely (persist backoff).
+        c.last_ingress_ns = 100 * S;
+        assert_eq!(judge(&c, None, 122 * S, &T).verdict, Verdict::Backpressured);
+    }
+
+    #[test]
+    fn acknowledgements_that_keep_coming_keep_a_busy_sender_active() {
+        let mut c = stuck();
+        c.last_ack_ns = 121 * S;
+        c.tcp_bytes_acked = 20_000;
+        c.last_ingress_ns = 121 * S;
+        assert_eq!(judge(&c, None, 122 * S, &T).verdict, Verdict::Active);
+    }
+
+    #[test]
+    fn frozen_and_stopped_reading_are_told_apart() {
+        let mut c = conn();
+        c.tcp_bytes_received = 5000;
+        c.unread_since_ns = 101 * S;
+        c.last_write_ns = 101 * S;
+        assert!(judge(&c, None, 120 * S, &T).detail.contains("frozen"));
+        c.last_write_ns = 119 * S;
+        let j = judge(&c, None, 120 * S, &T);
+        assert_eq!(j.verdict, Verdict::NotReading);
+        assert!(j.detail.contains("stopped reading"), "{}", j.detail);
+    }
+
+    #[test]
+    fn close_wait_left_open_becomes_half_closed_after_the_idle_threshold() {
+        let mut c = conn();
+        c.tcp_state = TCP_CLOSE_WAIT;
+        c.state_changed_ns = 130 * S;
+        c.last_rx_ns = 130 * S;
+        assert_eq!(judge(&c, None, 189 * S, &T).verdict, Verdict::Active);
+        assert_eq!(judge(&c, None, 190 * S, &T).verdict, Verdict::HalfClosed);
+    }
+
+    #[test]
+    fn close_reasons() {
+        let mut c = conn();
+        assert_eq!(close_reason(&c), "clean");
+        c.bytes_written = 10;
+        assert_eq!(close_reason(&c), "timeout");
+        c.ends = ends::RST_RECEIVED;
+        assert_eq!(close_reason(&c), "reset_received");
+        c.ends = ends::RST_SENT;
+        assert_eq!(close_reason(&c), "reset_sent");
+        c.tcp_bytes_received = 100;
+        assert_eq!(close_reason(&c), "aborted");
     }
 }

@@ -1,9 +1,10 @@
 // WebSocket peer built on the Node `ws` library, for observer's tests.
 //
-//   node ws_peer.js server PORT [echo|sink|nopong]
+//   node ws_peer.js server PORT [echo|sink|nopong|broadcast]
 //   node ws_peer.js client URL chatty|silent|stream|fragmented [COUNT]
 //
-// Same modes as tests/peers/py_ws.py, plus: a `nopong` server echoes but never answers pings
+// Same modes as tests/peers/py_ws.py, plus: a `broadcast` server sends 10 KiB every 5 ms to each
+// client without looking at backpressure (its buffer grows in user space); a `nopong` server echoes but never answers pings
 // (`autoPong: false`); a `fragmented` client sends one text message in three fragments with a
 // ping between the first two, logs each frame it sent as `frame OPCODE FIN`, then `done`.
 // Prints `ready` once listening or connected, and `quiet` when a `silent` client has gone quiet.
@@ -20,10 +21,16 @@ if (role === 'server') {
     autoPong: mode !== 'nopong',
   });
   const sink = mode === 'sink';
-  server.on('connection', (ws) =>
+  server.on('connection', (ws) => {
     ws.on('message', (data, isBinary) => {
       if (!sink) ws.send(data, { binary: isBinary });
-    }));
+    });
+    if (mode === 'broadcast') {
+      const payload = Buffer.alloc(10240, 98);
+      const timer = setInterval(() => ws.send(payload), 5);
+      ws.on('close', () => clearInterval(timer));
+    }
+  });
   server.on('listening', () => console.log('ready'));
 } else {
   // Fragments are compared by their size on the wire: no compression for them.

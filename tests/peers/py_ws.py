@@ -1,20 +1,26 @@
 """WebSocket peer built on the Python `websockets` library, for observer's tests.
 
-    py_ws.py server PORT [echo|sink]     server on 127.0.0.1:PORT that echoes (default) or
-                                         reads and discards
+    py_ws.py server PORT [MODE [HOST]]   server on HOST:PORT (default 127.0.0.1; `dual` is a
+                                         dual-stack [::] socket that also takes IPv4)
     py_ws.py client URL chatty|silent|stream [COUNT]
+
+Server modes: `echo` (default) echoes; `sink` reads and discards; `ping` echoes and pings every
+second, never closing for a missing pong; `stream` sends 64 KiB messages as fast as the
+connection takes them; `noread` never reads but sends a message every second.
 
 Client modes: `chatty` sends a message every 200 ms and reads the echo; `silent` exchanges COUNT
 messages (default 3) then stays connected without a byte either way; `stream` sends 64 KiB
 messages as fast as the connection takes them and never reads; `pinger` sends nothing but the
 library's keepalive pings, every 500 ms, and never gives up on a missing pong; `lengths` sends
 one uncompressed binary message of each size in COUNT (comma-separated) and prints `sent N` for
-each; `close` exchanges one message and closes with code 1001. Outside `pinger`, heartbeats are
+each; `close` exchanges one message and closes with code 1001; `drain` reads everything and sends
+nothing. Outside `pinger`, heartbeats are
 off so that only the test decides what crosses the wire. Prints `ready` once listening or
 connected, `quiet` when a `silent` client has gone quiet, and `done` when a client is done.
 """
 
 import asyncio
+import socket
 import sys
 
 import websockets
@@ -34,9 +40,32 @@ async def sink(ws):
         pass
 
 
-async def server(port, mode):
-    handler = sink if mode == "sink" else echo
-    async with websockets.serve(handler, "127.0.0.1", port, ping_interval=None, max_size=None):
+async def stream(ws):
+    payload = b"s" * 65536
+    while True:
+        await ws.send(payload)
+
+
+async def noread(ws):
+    while True:
+        await ws.send("still here")
+        await asyncio.sleep(1)
+
+
+async def server(port, mode, host):
+    handler = {"sink": sink, "stream": stream, "noread": noread}.get(mode, echo)
+    options = {"ping_interval": None, "max_size": None}
+    if mode == "ping":
+        options.update(ping_interval=1, ping_timeout=None)
+    if host == "dual":
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        options["sock"] = sock
+    else:
+        options.update(host=host, port=port)
+    async with websockets.serve(handler, **options):
         say("ready")
         await asyncio.Future()
 
@@ -72,6 +101,9 @@ async def client(url, mode, count):
                 say(f"sent {size}")
             say("done")
             await asyncio.Future()
+        elif mode == "drain":
+            async for _ in ws:
+                pass
         elif mode == "close":
             await ws.send("bye")
             await ws.recv()
@@ -85,7 +117,9 @@ async def client(url, mode, count):
 def main():
     role = sys.argv[1]
     if role == "server":
-        asyncio.run(server(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "echo"))
+        mode = sys.argv[3] if len(sys.argv) > 3 else "echo"
+        host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
+        asyncio.run(server(int(sys.argv[2]), mode, host))
     else:
         mode = sys.argv[3]
         arg = sys.argv[4] if len(sys.argv) > 4 else "3"

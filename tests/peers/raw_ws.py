@@ -4,6 +4,9 @@
                                      with a cookie of 8100 bytes (common servers refuse header
                                      lines over 8 KiB) in three writes, the last one carrying the
                                      first masked text frame; reads the 101 and the echo
+    raw_ws.py bound-client PORT LOCAL
+                                     upgrades from local port LOCAL, then sends a text frame
+                                     every 200 ms and reads the echoes
     raw_ws.py tls PORT               starts a TLS handshake (Python's ssl module) and waits
     raw_ws.py h2 PORT                sends the HTTP/2 connection preface and waits
 
@@ -50,6 +53,31 @@ def split_handshake(port):
     time.sleep(3600)
 
 
+def bound_client(port, local):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", local))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(4096)
+    if not reply.startswith(b"HTTP/1.1 101"):
+        raise SystemExit(f"upgrade refused: {reply[:100]!r}")
+    say("ready")
+    sock.settimeout(0.2)
+    while True:
+        sock.sendall(masked_text(b"tick"))
+        try:
+            sock.recv(4096)
+        except socket.timeout:
+            pass
+        time.sleep(0.2)
+
+
 def tls(port):
     sock = socket.create_connection(("127.0.0.1", port))
     context = ssl.create_default_context()
@@ -74,6 +102,9 @@ def h2(port):
 
 def main():
     mode, port = sys.argv[1], int(sys.argv[2])
+    if mode == "bound-client":
+        bound_client(port, int(sys.argv[3]))
+        return
     {"split-handshake": split_handshake, "tls": tls, "h2": h2}[mode](port)
 
 

@@ -1,0 +1,253 @@
+"""Liveness verdicts under real faults, in network namespaces made by each test.
+
+Each case of the field list is reproduced with unmodified peers: a link cut with `ip link set
+down`, a process frozen with SIGSTOP, a reader that stops, a half-closed socket. Each test checks
+the verdict and its evidence within threshold + refresh + 1 s (plus scheduling slack), and that
+the healthy connections beside it get no wrong verdict.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import PEERS, Netns, wait_for
+
+IDLE, STALL, REFRESH = 3.0, 2.0, 0.25
+FLAGS = ("--idle-after", "3s", "--stall-after", "2s", "--refresh", "250ms")
+SLACK = 1.0
+SERVER_IP, CLIENT_IP = "198.18.0.1", "198.18.0.2"
+
+
+class Link:
+    """Two namespaces, `srv` and `cli`, joined by a veth pair on 198.18.0.0/24."""
+
+    def __init__(self):
+        self.srv, self.cli = Netns(), Netns()
+        tag = uuid.uuid4().hex[:6]
+        self.veth_s, self.veth_c = f"vs{tag}", f"vc{tag}"
+        subprocess.run(
+            ["ip", "link", "add", self.veth_s, "netns", self.srv.name, "type", "veth",
+             "peer", "name", self.veth_c, "netns", self.cli.name],
+            check=True,
+        )
+        self.srv.run("ip", "addr", "add", f"{SERVER_IP}/24", "dev", self.veth_s)
+        self.cli.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", self.veth_c)
+        self.srv.run("ip", "link", "set", self.veth_s, "up")
+        self.cli.run("ip", "link", "set", self.veth_c, "up")
+
+    def cut(self):
+        """The client drops off the network: no FIN, no RST, nothing."""
+        self.cli.run("ip", "link", "set", self.veth_c, "down")
+
+    def close(self):
+        self.cli.close()
+        self.srv.close()
+
+
+@pytest.fixture
+def link():
+    pair = Link()
+    yield pair
+    pair.close()
+
+
+def end(agent, port, role):
+    return next((c for c in agent.connections(port) if c["role"] == role), None)
+
+
+def state_of(agent, port, role):
+    e = end(agent, port, role)
+    return e and e["state"]
+
+
+def verdict_within(agent, port, role, verdict, timeout):
+    """Waits for `verdict` on one end and returns that end."""
+    return wait_for(
+        f"{role} end of :{port} {verdict}",
+        lambda: (e := end(agent, port, role)) and e["state"] == verdict and e,
+        timeout=timeout,
+    )
+
+
+def never(agent, port, role, verdicts, duration):
+    """Checks for `duration` that the end never gets one of `verdicts`."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        state = state_of(agent, port, role)
+        assert state not in verdicts, f"{role} end of :{port} became {state}"
+        time.sleep(REFRESH / 2)
+
+
+def test_c01_peer_vanishing_while_idle_is_idle_not_dead(link, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8901
+    link.srv.python_peer("server", port, "echo", SERVER_IP)
+    link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "silent", ready="quiet")
+    wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    link.cut()
+    cut_at = time.monotonic()
+    # Nothing is in flight, so nothing can tell the peer is gone: idle, never dead.
+    server = verdict_within(agent, port, "server", "idle", IDLE + REFRESH + SLACK + 1)
+    assert time.monotonic() - cut_at <= IDLE + REFRESH + SLACK + 1
+    assert server["send_queue_bytes"] == 0 and server["tcp_state"] == "ESTABLISHED"
+    never(agent, port, "server", {"peer_unresponsive", "backpressured"}, STALL + 1)
+
+
+def test_c01_peer_vanishing_under_server_pings_is_peer_unresponsive(link, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8902
+    link.srv.python_peer("server", port, "ping", SERVER_IP)
+    link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "silent", ready="quiet")
+    wait_for("a pong", lambda: (e := end(agent, port, "server")) and e["pongs"] >= 1, 5)
+    link.cut()
+    cut_at = time.monotonic()
+    # The next ping (within 1 s) stays unacknowledged and is retransmitted.
+    server = verdict_within(agent, port, "server", "peer_unresponsive", 1 + STALL + REFRESH + SLACK + 1)
+    assert time.monotonic() - cut_at <= 1 + STALL + REFRESH + SLACK + 1
+    assert server["send_queue_bytes"] > 0
+    assert "retransmissions" in server["detail"] and "nothing from the peer" in server["detail"]
+    # The kernel counts the retransmission the timer started a moment after the timer fired.
+    wait_for("retransmissions counted", lambda: end(agent, port, "server")["retransmits"] > 0, 2)
+
+
+def test_c02_link_cut_while_streaming_then_retransmission_timeout(link, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8903
+    # The kernel gives up after about 13 s of retransmissions instead of 15 min.
+    link.srv.run("sysctl", "-qw", "net.ipv4.tcp_retries2=5")
+    link.srv.python_peer("server", port, "stream", SERVER_IP)
+    link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "drain")
+    wait_for("data flowing", lambda: (e := end(agent, port, "server")) and e["bytes_sent"] > 1 << 20, 10)
+    link.cut()
+    cut_at = time.monotonic()
+    server = verdict_within(agent, port, "server", "peer_unresponsive", STALL + REFRESH + SLACK + 1)
+    assert time.monotonic() - cut_at <= STALL + REFRESH + SLACK + 1
+    assert server["send_queue_bytes"] > 0
+    wait_for("retransmissions counted", lambda: end(agent, port, "server")["retransmits"] > 0, 2)
+    # The client end never learns: it stays established, and is idle, not healthy.
+    verdict_within(agent, port, "client", "idle", IDLE + REFRESH + SLACK + 1)
+    assert end(agent, port, "client")["tcp_state"] == "ESTABLISHED"
+
+    def timed_out():
+        return agent.metric("websocket_connections_closed_total", port=port, role="server", reason="timeout") == 1
+
+    wait_for("the server end closed by retransmission timeout", timed_out, timeout=30)
+    assert end(agent, port, "server") is None
+
+
+def test_c03_frozen_server_is_not_reading_and_its_client_backpressured(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8904
+    server = netns.python_peer("server", port, "sink")
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/", "stream")
+    # A healthy connection beside it.
+    netns.python_peer("server", port + 1)
+    netns.python_peer("client", f"ws://127.0.0.1:{port + 1}/", "chatty")
+    wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+
+    os.kill(server.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    frozen = verdict_within(agent, port, "server", "not_reading", STALL + REFRESH + SLACK + 1)
+    assert "frozen" in frozen["detail"], frozen["detail"]
+    client = verdict_within(agent, port, "client", "backpressured", STALL + REFRESH + SLACK + 2)
+    assert time.monotonic() - stopped_at <= STALL + REFRESH + SLACK + 2
+    assert client["zero_window"] and "zero window" in client["detail"]
+    assert client["retransmits"] == 0, "blame the receiver, not loss"
+    for role in ("server", "client"):
+        assert state_of(agent, port + 1, role) == "active"
+
+    os.kill(server.pid, signal.SIGCONT)
+    wait_for("recovered", lambda: state_of(agent, port, "server") == "active", REFRESH + SLACK + 1)
+    wait_for("client recovered", lambda: state_of(agent, port, "client") == "active", REFRESH + SLACK + 1)
+
+
+def test_c04_client_that_never_reads_backpressures_the_broadcaster(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8906
+    netns.node_peer("server", port, "broadcast")
+    client = netns.python_peer("client", f"ws://127.0.0.1:{port}/", "silent", "0", ready="quiet")
+    wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    os.kill(client.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    reader = verdict_within(agent, port, "client", "not_reading", STALL + REFRESH + SLACK + 1)
+    assert reader["recv_queue_bytes"] > 0
+    server = verdict_within(agent, port, "server", "backpressured", STALL + REFRESH + SLACK + 2)
+    assert time.monotonic() - stopped_at <= STALL + REFRESH + SLACK + 2
+    assert server["zero_window"] and "zero window" in server["detail"]
+    never(agent, port, "server", {"peer_unresponsive"}, STALL)
+
+    # C22: with many sends refused or cut short (EAGAIN), the byte counts still agree with the
+    # kernel's own once nothing moves: the send queue with ss, the acknowledged bytes with
+    # tcp_info (which may count the SYN as one more).
+    def counts_match_tcp_info():
+        s = end(agent, port, "server")
+        info = netns.run("ss", "-tinH", "state", "established", f"( sport = :{port} )")
+        send_q = int(info.split()[1])
+        acked = int(info.split("bytes_acked:")[1].split()[0])
+        agent_acked = s["bytes_sent"] - s["send_queue_bytes"]
+        return s["send_queue_bytes"] == send_q and acked - agent_acked in (0, 1)
+
+    wait_for("server bytes equal to tcp_info", counts_match_tcp_info, timeout=5)
+
+
+def test_c05_server_that_stops_reading_but_still_sends(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8907
+    netns.python_peer("server", port, "noread")
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/", "stream")
+    wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    server = verdict_within(agent, port, "server", "not_reading", STALL + REFRESH + SLACK + 4)
+    assert "stopped reading" in server["detail"], server["detail"]
+    assert server["last_send_age_seconds"] < STALL
+
+
+def test_c09_half_closed_socket_left_open_becomes_half_closed(netns, agent_factory):
+    port = 8908
+    agent = agent_factory(*FLAGS, "--port", port)
+    netns.spawn(sys.executable, PEERS / "tcp_peer.py", "hold-server", port)
+    netns.spawn(sys.executable, PEERS / "tcp_peer.py", "half-close", port)
+    server = wait_for(
+        "server end in CLOSE_WAIT",
+        lambda: (e := end(agent, port, "server")) and e["tcp_state"] == "CLOSE_WAIT" and e,
+        timeout=5,
+    )
+    assert server["state"] != "half_closed"
+    server = verdict_within(agent, port, "server", "half_closed", IDLE + REFRESH + SLACK + 1)
+    assert "closed its side" in server["detail"]
+
+
+def test_c24_identical_tuples_in_two_namespaces_and_ipv6(agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8909
+    spaces = [Netns(), Netns()]
+    try:
+        for ns in spaces:
+            ns.python_peer("server", port)
+            ns.spawn(sys.executable, PEERS / "raw_ws.py", "bound-client", port, 40000)
+        ends_ = wait_for(
+            "four ends", lambda: len(e := agent.connections(port)) == 4 and e, timeout=5
+        )
+        servers = [e for e in ends_ if e["role"] == "server"]
+        assert len({e["cookie"] for e in ends_}) == 4
+        assert {(e["local_addr"], e["remote_addr"]) for e in servers} == {
+            (f"127.0.0.1:{port}", "127.0.0.1:40000")
+        }
+        assert len({e["netns"] for e in servers}) == 2
+
+        dual = port + 1
+        v6 = spaces[0]
+        v6.python_peer("server", dual, "echo", "dual")
+        v6.python_peer("client", f"ws://127.0.0.1:{dual}/", "chatty")
+        v6.python_peer("client", f"ws://[::1]:{dual}/", "chatty")
+        got = wait_for("four dual-stack ends", lambda: len(e := agent.connections(dual)) == 4 and e, 5)
+        locals_ = sorted(e["local_addr"] for e in got if e["role"] == "server")
+        assert locals_ == sorted([f"127.0.0.1:{dual}", f"[::1]:{dual}"]), locals_
+        assert all(e["websocket"] and e["state"] == "active" for e in got)
+    finally:
+        for ns in spaces:
+            ns.close()
