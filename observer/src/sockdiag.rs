@@ -10,6 +10,11 @@
 //! `/proc/*/ns/net` and `/run/netns`, so in a container the agent needs the host's pid namespace
 //! to see them all.
 //!
+//! Cost: the kernel keeps one table of connected TCP sockets for the whole host, and a dump walks
+//! all of it, keeping the sockets of the netlink socket's namespace. A scan of every namespace
+//! therefore costs about (namespaces × sockets of the host), not the sum of the namespaces' own
+//! sockets, unless namespaces get their own table (sysctl `net.ipv4.tcp_child_ehash_entries`).
+//!
 //! Privileges: dumping the caller's own namespace needs none, as for `ss`. Reaching other
 //! namespaces needs CAP_SYS_ADMIN (for `setns`, in the caller's user namespace and in the one
 //! owning the target) and, to read `/proc/PID/ns/net` of other users' processes, CAP_SYS_PTRACE;
