@@ -15,6 +15,8 @@ mod k8s;
 mod kernel;
 mod list;
 mod metrics;
+#[cfg_attr(not(test), expect(dead_code, reason = "wired into the agent separately"))]
+mod sockdiag;
 mod verdict;
 
 use std::{io::IsTerminal as _, process::ExitCode};
