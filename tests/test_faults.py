@@ -229,9 +229,16 @@ def test_c24_identical_tuples_in_two_namespaces_and_ipv6(agent_factory):
         for ns in spaces:
             ns.python_peer("server", port)
             ns.spawn(sys.executable, PEERS / "raw_ws.py", "bound-client", port, 40000)
-        ends_ = wait_for(
-            "four ends", lambda: len(e := agent.connections(port)) == 4 and e, timeout=5
-        )
+        seen = []
+
+        def four_ends():
+            seen[:] = agent.connections(port)
+            return len(seen) == 4 and list(seen)
+
+        try:
+            ends_ = wait_for("four ends", four_ends, timeout=10)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; ends seen: {seen}") from None
         servers = [e for e in ends_ if e["role"] == "server"]
         assert len({e["cookie"] for e in ends_}) == 4
         assert {(e["local_addr"], e["remote_addr"]) for e in servers} == {

@@ -67,6 +67,9 @@ pub mod flags {
     pub const HTTP_CANDIDATE: u8 = 1 << 3;
     /// The first byte of the request direction has been checked.
     pub const CLASSIFIED: u8 = 1 << 4;
+    /// Found already open by the agent rather than seen being established: its state changes
+    /// come from `tp_btf/inet_sock_set_state`, and its streams' starts are unknown.
+    pub const ADOPTED: u8 = 1 << 5;
 }
 
 /// Per-socket state kept by the kernel programs, keyed by socket cookie in `CONNS`.

@@ -13,6 +13,8 @@
 //! order in the upper 16 bits), `snd_nxt`, `rcv_nxt`, `bytes_acked`, `bytes_received`,
 //! `is_fullsock`, `packets_out`, `total_retrans`, `args[1]` (the new state).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -20,8 +22,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::sock_ops,
-    programs::SockOpsContext,
+    macros::{btf_tracepoint, sock_ops},
+    programs::{BtfTracePointContext, SockOpsContext},
 };
 use observer_common::{ConnState, EventKind, Role, ends, flags, stat};
 
@@ -181,4 +183,41 @@ fn retransmitted(ctx: &SockOpsContext, segment: bool) {
         let socket = if (*ops).is_fullsock != 0 { (*ops).total_retrans } else { 0 };
         (*state).total_retrans = if socket > counted { socket } else { counted };
     }
+}
+
+/// `tp_btf/inet_sock_set_state`, `TP_PROTO(const struct sock *sk, const int oldstate,
+/// const int newstate)`: state changes of connections the agent adopted, which never had the
+/// `sock_ops` state callback switched on. Connections seen being established are left to
+/// `STATE_CB`.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn observer_adopted_state(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let new_state = ctx.arg::<u64>(2) as u32;
+    // SAFETY: `sk` is the tracepoint's typed `struct sock *`; the helper accepts NULL.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let Some(state) = CONNS.get_ptr_mut(cookie) else {
+        return 0;
+    };
+    // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
+    if unsafe { (*state).flags } & flags::ADOPTED == 0 {
+        return 0;
+    }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above.
+    unsafe {
+        (*state).tcp_state = new_state as u8;
+        (*state).state_changed_ns = now;
+        if new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING {
+            (*state).ends |= ends::FIN_RECEIVED;
+        }
+    }
+    if new_state == TCP_CLOSE {
+        // SAFETY: as above.
+        emit_conn(EventKind::Close, cookie, now, unsafe { &*state });
+        let _ = CONNS.remove(cookie);
+        let _ = FRAMES.remove(cookie);
+        let _ = STOP_FWD.remove(cookie);
+    }
+    0
 }

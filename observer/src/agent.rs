@@ -5,6 +5,7 @@
 //! the HTTP handlers serve.
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -19,12 +20,13 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    adopt,
     api::{self, Shared, Snapshot},
     cli::RunConfig,
     conntrack::{KernelAction, Tracker},
     k8s,
     kernel::{Kernel, KernelConfig},
-    metrics,
+    metrics, sockdiag,
 };
 
 /// Why `observer run` stopped, mapped to the documented exit codes.
@@ -75,6 +77,8 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
 
     let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
     let mut pods = k8s::Resolver::new("/proc", &config.pod_log_dir);
+    adopt_existing(&mut kernel, &mut tracker, &config.ports);
+    let mut lost_when_adopted = kernel.stat(stat::EVENTS_LOST);
     let mut tick = tokio::time::interval(config.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -88,6 +92,13 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                let lost = kernel.stat(stat::EVENTS_LOST);
+                if lost > lost_when_adopted {
+                    // Opens or closes may be among the lost events: read the kernel's table again.
+                    warn!(lost = lost - lost_when_adopted, "kernel events lost; adopting from the socket table");
+                    adopt_existing(&mut kernel, &mut tracker, &config.ports);
+                    lost_when_adopted = lost;
+                }
                 refresh(&mut tracker, &mut kernel, &shared, &mut pods, config.pod_labels);
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -161,6 +172,45 @@ fn apply(kernel: &mut Kernel, action: KernelAction) {
         debug!(?action, %error, "kernel map update skipped");
     }
 }
+
+/// Writes the connections open in the kernel's socket table that the kernel programs do not
+/// track yet into their maps, and into the table.
+fn adopt_existing(kernel: &mut Kernel, tracker: &mut Tracker, ports: &[u16]) {
+    let scan = match sockdiag::scan_all_namespaces() {
+        Ok(scan) => scan,
+        Err(error) => {
+            warn!(%error, "cannot read the kernel's socket table: connections already open are not adopted");
+            return;
+        }
+    };
+    let new: Vec<_> =
+        scan.sockets.into_iter().filter(|s| kernel.conns.get(&s.cookie, 0).is_err()).collect();
+    let inodes: Vec<u64> = new.iter().map(|s| s.inode).collect();
+    let owners = adopt::owners(Path::new("/proc"), &inodes);
+    let range = adopt::ephemeral_range();
+    let now = crate::clock::monotonic_ns();
+    let mut adopted = 0;
+    for socket in &new {
+        let owner = owners.get(&socket.inode).copied();
+        let a = adopt::adoption(socket, ports, range, owner, now);
+        // Never over an entry the kernel programs made in the meantime.
+        if kernel.conns.insert(a.cookie, a.state, BPF_NOEXIST).is_err() {
+            continue;
+        }
+        let _ = kernel.frames.insert(a.cookie, a.frames, BPF_NOEXIST);
+        tracker.adopt(a.cookie, a.state, a.frames);
+        adopted += 1;
+    }
+    info!(
+        adopted,
+        namespaces = scan.namespaces,
+        skipped = scan.skipped.len(),
+        "adopted connections already open"
+    );
+}
+
+/// `BPF_NOEXIST`: insert only if absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
 fn refresh(

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::{
+    adopt::frames_seen,
     handshake::{Handshake, Outcome as HandshakeOutcome, Upgrade},
     metrics::{Aggregates, Outcome, SeriesKey, close_code_label, kernel_buckets},
     verdict::{Judgement, Thresholds, Verdict, close_reason, judge},
@@ -78,6 +79,9 @@ pub struct ConnectionView {
     pub retransmits: u32,
     /// Whether the peer currently advertises a zero receive window.
     pub zero_window: bool,
+    /// Found already open (agent start, lost events) rather than seen being established: its
+    /// age counts from adoption and its handshake was not seen.
+    pub adopted: bool,
     /// The kernel's socket cookie, unique on this host until reboot.
     pub cookie: u64,
     /// Namespace, pod and container of `pid`, shown as three fields.
@@ -127,6 +131,8 @@ struct Conn {
     /// Close frames seen, by direction.
     close_frames: [bool; 2],
     close_code: Option<u16>,
+    /// Found already open rather than seen being established.
+    adopted: bool,
 }
 
 impl Conn {
@@ -149,6 +155,7 @@ impl Conn {
             outstanding: [None; 2],
             close_frames: [false; 2],
             close_code: None,
+            adopted: false,
         }
     }
 
@@ -156,9 +163,14 @@ impl Conn {
         self.state.flags & flags::WATCHED != 0
     }
 
-    /// Shown and counted: a WebSocket by its handshake, or on a watched port.
+    /// A WebSocket by its handshake, or, adopted, by the frames seen since.
+    fn websocket(&self) -> bool {
+        self.upgrade.is_some() || (self.adopted && self.frames.is_some_and(|f| frames_seen(&f)))
+    }
+
+    /// Shown and counted: a WebSocket, or on a watched port.
     fn reported(&self) -> bool {
-        self.upgrade.is_some() || self.watched()
+        self.websocket() || self.watched()
     }
 
     fn role(&self) -> Role {
@@ -319,6 +331,16 @@ impl Tracker {
         }
     }
 
+    /// A connection found already open was written into the kernel maps.
+    pub fn adopt(&mut self, cookie: u64, state: ConnState, frames: WsState) {
+        self.conns.entry(cookie).or_insert_with(|| {
+            let mut conn = Conn::new(state);
+            conn.adopted = true;
+            conn.frames = Some(frames);
+            conn
+        });
+    }
+
     /// A tracked connection reached `TCP_CLOSE`.
     pub fn close(&mut self, cookie: u64, state: ConnState, frames: WsState) {
         if let Some(mut conn) = self.conns.remove(&cookie) {
@@ -344,7 +366,7 @@ impl Tracker {
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
                     conn.state = state;
-                    if conn.upgrade.is_some() {
+                    if conn.upgrade.is_some() || conn.adopted {
                         conn.frames = frames(cookie).or(conn.frames);
                         take_frame_counts(&mut self.aggregates, conn);
                     }
@@ -418,7 +440,7 @@ impl Tracker {
     /// Accounts for a connection that ended.
     fn finish(&mut self, mut conn: Conn) {
         take_frame_counts(&mut self.aggregates, &mut conn);
-        if conn.accepted {
+        if conn.accepted || (conn.adopted && conn.reported()) {
             let outcome =
                 if conn.close_frames == [true, true] { Outcome::Close } else { Outcome::Abort };
             self.aggregates.count(conn.series(), outcome);
@@ -512,8 +534,8 @@ fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> Connecti
         port: server_port(s),
         pid: (s.pid != 0).then_some(s.pid),
         comm,
-        websocket: upgrade.is_some(),
-        protocol: conn.protocol.to_owned(),
+        websocket: conn.websocket(),
+        protocol: if conn.websocket() { "websocket" } else { conn.protocol }.to_owned(),
         state: judgement.verdict,
         detail: judgement.detail,
         state_age_seconds: seconds(now_ns.saturating_sub(conn.verdict_since_ns)),
@@ -538,6 +560,7 @@ fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> Connecti
         close_code: conn.close_code,
         retransmits: s.total_retrans,
         zero_window: s.zero_window_since_ns != 0,
+        adopted: conn.adopted,
         cookie,
         attribution: crate::k8s::Attribution::default(),
     }

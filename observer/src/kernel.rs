@@ -109,9 +109,11 @@ impl Kernel {
         }
 
         let btf = Btf::from_sys_fs().map_err(KernelError::Btf)?;
-        for (program, tracepoint) in
-            [("observer_send", "sock_send_length"), ("observer_recv", "sock_recv_length")]
-        {
+        for (program, tracepoint) in [
+            ("observer_send", "sock_send_length"),
+            ("observer_recv", "sock_recv_length"),
+            ("observer_adopted_state", "inet_sock_set_state"),
+        ] {
             let failed = |action, source| KernelError::Program {
                 action,
                 program,

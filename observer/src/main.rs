@@ -5,6 +5,7 @@
 //! 3 kernel programs could not be loaded or attached (privileges, kernel features), 4 the metrics
 //! address could not be bound.
 
+mod adopt;
 mod agent;
 mod api;
 mod cli;
@@ -15,7 +16,6 @@ mod k8s;
 mod kernel;
 mod list;
 mod metrics;
-#[cfg_attr(not(test), expect(dead_code, reason = "wired into the agent separately"))]
 mod sockdiag;
 mod verdict;
 

@@ -130,7 +130,7 @@ pub struct TcpSocket {
 ///
 /// The `*_ms` fields are ages: milliseconds from the event to the dump. Fields that older kernels
 /// do not send are `None` when the attribute ends before them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpInfoLite {
     /// Retransmission timeouts in a row without progress (`tcpi_retransmits`).
     pub retransmits: u8,
@@ -403,6 +403,7 @@ fn current_namespace_inode() -> Result<u64, SockDiagError> {
 }
 
 /// The TCP sockets of the calling thread's network namespace. Needs no privileges.
+#[cfg(test)]
 pub fn dump_current_namespace() -> Result<Vec<TcpSocket>, SockDiagError> {
     dump_here(current_namespace_inode()?)
 }
@@ -554,6 +555,7 @@ pub fn scan_all_namespaces() -> Result<Scan, SockDiagError> {
 /// The TCP sockets of every network namespace of the host that could be dumped; see
 /// [`scan_all_namespaces`], which also says which namespaces were skipped and why. Without
 /// CAP_SYS_ADMIN only the caller's own namespace is dumped.
+#[cfg(test)]
 pub fn dump_all_namespaces() -> Result<Vec<TcpSocket>, SockDiagError> {
     scan_all_namespaces().map(|scan| scan.sockets)
 }
