@@ -41,7 +41,14 @@ enum Task {
     },
     /// Check formatting and lints of every crate (the eBPF crate on its own).
     Lint,
-    /// Run every test: unit tests, then the privileged tests against real peers (as root).
+    /// Fuzz the frame tracker (the kernel programs' state machine) for a while.
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
+    /// Run every test: unit tests, a short fuzzing run, then the privileged tests against real
+    /// peers (as root).
     Test {
         /// Extra arguments for pytest, after `--` (e.g. `-k idle`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -75,6 +82,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             }
         }
         Task::Lint => lint()?,
+        Task::Fuzz { seconds } => fuzz(&ebpf_prerequisites()?, seconds)?,
         Task::Test { pytest_args } => test(&root, &pytest_args)?,
     }
     Ok(())
@@ -235,6 +243,8 @@ fn test(root: &Path, pytest_args: &[OsString]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--exclude", "observer-ebpf"])
         .env("OBSERVER_EBPF_TOOLCHAIN", &toolchain))?;
 
+    fuzz(&toolchain, 20)?;
+
     require_root("the privileged tests load kernel programs and create network namespaces")?;
     let binary = build(root)?;
     let python = test_peers(root)?;
@@ -285,6 +295,22 @@ fn prometheus_tools() -> anyhow::Result<()> {
         let _ = fs::remove_file(policy);
     }
     result.context("fix: apt-get update && apt-get install --no-install-recommends prometheus")
+}
+
+/// Runs the `frames` fuzz target (cargo-fuzz, libFuzzer) for `seconds`, installing cargo-fuzz
+/// when it is missing.
+fn fuzz(toolchain: &str, seconds: u32) -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        step("installing cargo-fuzz");
+        sh(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))
+            .context("fix: cargo install --locked cargo-fuzz")?;
+    }
+    step(&format!("fuzzing the frame tracker for {seconds} s"));
+    sh(Command::new("rustup")
+        .args(["run", toolchain, "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", "frames", "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER"))
 }
 
 /// Installs the test peers: a Python virtualenv with `tests/requirements.txt`, and the Node
