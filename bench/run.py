@@ -341,36 +341,65 @@ def echo_round(ns, url, args, index):
     return client, lambda: json.loads(client.finish(timeout=args.echo_seconds + 60).strip().splitlines()[-1])
 
 
+def host_task_seconds():
+    """CPU seconds spent in tasks (user, nice, system) on all CPUs since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / CLK_TCK
+
+
 def phase_throughput(args, summary):
     ns, port = "bench-echo", 9100
     add_netns(ns)
-    node(ns, "echo.js", "server", "127.0.0.1", port, name="echo-server").expect("ready", 15)
+    server = node(ns, "echo.js", "server", "127.0.0.1", port, name="echo-server")
+    server.expect("ready", 15)
     url = f"ws://127.0.0.1:{port}/"
-    rates = {"A": [], "B": []}
-    pairs = []
     order = "ABBA" * args.echo_pairs
-    tracked, agent_cpu = [], []
+    rounds = []
+    waited = 0.0
     for i, kind in enumerate(order):
+        # Another agent's programs would run on this load too: give it a moment to go away.
+        w0 = time.monotonic()
+        while foreign_agents(set()) and waited + time.monotonic() - w0 < args.quiet_wait:
+            time.sleep(0.5)
+        waited += time.monotonic() - w0
         agent = Agent(f"echo-{i}", 9464) if kind == "B" else None
-        note_foreign(summary, "throughput", {agent.pid} if agent else set())
+        mine = {agent.pid} if agent else set()
+        note_foreign(summary, "throughput", mine)
         client, result = echo_round(ns, url, args, i)
+        ours = [server.pid, client.pid, *mine]
+        # Inside the measured window: how much CPU went to anything but this load and agent.
+        time.sleep(2)
+        c0, h0, t0 = sum(map(cpu_seconds, ours)), host_task_seconds(), time.monotonic()
+        foreign = len(foreign_agents(mine))
+        tracked = None
         if agent:
-            c0, t0 = cpu_seconds(agent.pid), time.monotonic()
             # The connections are tracked: both ends of each, found by their handshake.
-            time.sleep(1.5)
             conns = json.loads(agent.get("/connections"))
-            tracked.append(sum(1 for c in conns if c["port"] == port and c["websocket"]))
+            tracked = sum(1 for c in conns if c["port"] == port and c["websocket"])
+        time.sleep(max(0.5, args.echo_seconds - 2))
+        c1, h1, t1 = sum(map(cpu_seconds, ours)), host_task_seconds(), time.monotonic()
+        other = 100 * ((h1 - h0) - (c1 - c0)) / (t1 - t0)
         rate = result()["rate"]
         if agent:
-            agent_cpu.append(100 * (cpu_seconds(agent.pid) - c0) / (time.monotonic() - t0))
             agent.stop()
-        rates[kind].append(rate)
-        log(f"throughput round {i + 1}/{len(order)} {'with' if kind == 'B' else 'without'} agent: {rate:,.0f} msg/s")
+        clean = other <= args.other_cpu_limit and foreign == 0
+        rounds.append({"kind": kind, "rate": rate, "other_cpu_percent": round(other, 1),
+                       "foreign_agents": foreign, "tracked_ends": tracked, "clean": clean})
+        log(f"throughput round {i + 1}/{len(order)} {'with' if kind == 'B' else 'without'} agent: "
+            f"{rate:,.0f} msg/s (other CPU {other:.0f}% of a core{', foreign agent' if foreign else ''})")
         time.sleep(0.5)
-    for j in range(0, len(order), 2):
-        a = rates["A"][j // 2]
-        b = rates["B"][j // 2]
-        pairs.append(b / a)
+    usable = [r for r in rounds if r["clean"]]
+    enough = sum(r["kind"] == "A" for r in usable) >= 2 and sum(r["kind"] == "B" for r in usable) >= 2
+    if not enough:
+        log("throughput: fewer than 2 quiet rounds of each kind; using every round")
+        usable = rounds
+    rates = {k: [r["rate"] for r in usable if r["kind"] == k] for k in "AB"}
+    pairs = []
+    for j in range(0, len(rounds), 2):
+        block = rounds[j:j + 2]
+        if all(r in usable for r in block):
+            a, b = sorted(block, key=lambda r: r["kind"])
+            pairs.append(b["rate"] / a["rate"])
     without, with_agent = spread(rates["A"]), spread(rates["B"])
     summary["throughput_msgs_per_s_without_agent"] = without["median"]
     summary["throughput_msgs_per_s_with_agent"] = with_agent["median"]
@@ -378,14 +407,15 @@ def phase_throughput(args, summary):
     summary["spread"]["throughput_msgs_per_s_without_agent"] = without
     summary["spread"]["throughput_msgs_per_s_with_agent"] = with_agent
     summary["spread"]["throughput_ratio"] = spread(pairs)
-    summary["agent_cpu_percent_echo"] = statistics.median(agent_cpu)
-    summary["spread"]["agent_cpu_percent_echo"] = spread(agent_cpu)
     summary["method"]["throughput"] = {
         "connections": args.echo_connections,
         "message_bytes": args.echo_size,
         "measure_seconds": args.echo_seconds,
         "order": order,
-        "tracked_ends_with_agent": tracked,
+        "rounds_used": "quiet rounds only" if enough else "all rounds (the host was busy)",
+        "other_cpu_limit_percent": args.other_cpu_limit,
+        "seconds_waited_for_other_agents": round(waited, 1),
+        "rounds": rounds,
     }
     delete_netns(ns)
 
@@ -478,12 +508,21 @@ def phase_idle10k(args, summary):
     t0 = time.monotonic()
     node(ns, "idle.js", "client", f"ws://127.0.0.1:{port}/", count, name="idle-client").expect("ready", 180)
     log(f"idle10k: {count} WebSocket connections open in {time.monotonic() - t0:.1f}s")
-    seen = wait_for(
-        f"{2 * count} ends reported",
-        lambda: (n := metric_sum(agent.metrics(), "websocket_connections_active", [port])) >= 2 * count and n,
-        timeout=60,
-    )
+    try:
+        wait_for(
+            f"{2 * count} ends reported",
+            lambda: metric_sum(agent.metrics(), "websocket_connections_active", [port]) >= 2 * count,
+            timeout=30,
+        )
+    except RuntimeError:
+        # Handshakes whose bytes were lost in a burst are never recognised; the ends stay in the
+        # kernel map (and cost a refresh each) without being reported.
+        log("idle10k: not every end was reported; measuring with those that were")
     time.sleep(2)
+    samples = agent.metrics()
+    seen = metric_sum(samples, "websocket_connections_active", [port])
+    lost = samples.get(("observer_events_lost_total", frozenset()))
+    log(f"idle10k: {seen:.0f} of {2 * count} ends reported, {lost:.0f} kernel events lost")
     cpu, rss = measure_agent(agent, args.idle_windows, args.idle_window_seconds)
     log(f"idle10k: agent CPU {['%.3f' % c for c in cpu]} %, RSS {['%.1f' % r for r in rss]} MiB")
     summary["agent_cpu_percent_10k"] = statistics.median(cpu)
@@ -493,6 +532,7 @@ def phase_idle10k(args, summary):
     summary["method"]["idle10k"] = {
         "connections": count,
         "ends_reported": seen,
+        "events_lost": lost,
         "window_seconds": args.idle_window_seconds,
         "windows": args.idle_windows,
         "agent_flags": "defaults (refresh 1s)",
@@ -686,10 +726,15 @@ def phase_detection(args, summary):
         python(ns, "ws_peer.py", "server", "127.0.0.1", port, name=f"silent-server-{i}").expect("ready", 15)
         faults[port] = python(ns, "ws_peer.py", "client", f"ws://127.0.0.1:{port}/", "silent",
                               name=f"silent-client-{i}").expect("ready", 15)
+        time.sleep(0.37)
+    # Faults of one kind are spread over the refresh interval, so that the rounds do not all
+    # land at the same point of the agents' refresh cycle.
     for i, port in enumerate(frozen):
+        time.sleep(0.37 * (i > 0))
         os.kill(streams[i][0].pid, signal.SIGSTOP)
         faults[port] = time.monotonic()
     for i, port in enumerate(cut):
+        time.sleep(0.37 * (i > 0))
         subprocess.run(["ip", "-n", f"bench-cut{i}c", "link", "set", f"bench-v{i}c", "down"], check=True)
         faults[port] = time.monotonic()
     log("detection: faults injected; waiting for verdicts (the default idle threshold is 60 s)")
@@ -838,7 +883,11 @@ def parse_args():
     p.add_argument("--echo-connections", type=int, default=256)
     p.add_argument("--echo-size", type=int, default=128, help="message bytes")
     p.add_argument("--echo-seconds", type=float, default=6, help="measured seconds per round")
-    p.add_argument("--echo-pairs", type=int, default=2, help="ABBA blocks (each two rounds of each)")
+    p.add_argument("--echo-pairs", type=int, default=3, help="ABBA blocks (each two rounds of each)")
+    p.add_argument("--quiet-wait", type=float, default=60,
+                   help="seconds in all to wait for other observer agents to stop before rounds")
+    p.add_argument("--other-cpu-limit", type=float, default=10,
+                   help="%% of a core used by other processes above which a round is left out")
     p.add_argument("--hook-rounds", type=int, default=3)
     p.add_argument("--idle-connections", type=int, default=10_000)
     p.add_argument("--idle-windows", type=int, default=3)
