@@ -341,10 +341,12 @@ def echo_round(ns, url, args, index):
     return client, lambda: json.loads(client.finish(timeout=args.echo_seconds + 60).strip().splitlines()[-1])
 
 
-def host_task_seconds():
-    """CPU seconds spent in tasks (user, nice, system) on all CPUs since boot."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / CLK_TCK
+def host_cpu_seconds():
+    """(busy, steal) CPU seconds on all CPUs since boot. Busy is user, nice, system, irq and
+    softirq: interrupt time is included because, with tick-based accounting, it is also charged
+    to the task it hit. Steal is time the hypervisor gave to other guests."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[i] for i in (0, 1, 2, 5, 6)) / CLK_TCK, fields[7] / CLK_TCK
 
 
 def phase_throughput(args, summary):
@@ -369,7 +371,7 @@ def phase_throughput(args, summary):
         ours = [server.pid, client.pid, *mine]
         # Inside the measured window: how much CPU went to anything but this load and agent.
         time.sleep(2)
-        c0, h0, t0 = sum(map(cpu_seconds, ours)), host_task_seconds(), time.monotonic()
+        c0, (h0, s0), t0 = sum(map(cpu_seconds, ours)), host_cpu_seconds(), time.monotonic()
         foreign = len(foreign_agents(mine))
         tracked = None
         if agent:
@@ -377,16 +379,21 @@ def phase_throughput(args, summary):
             conns = json.loads(agent.get("/connections"))
             tracked = sum(1 for c in conns if c["port"] == port and c["websocket"])
         time.sleep(max(0.5, args.echo_seconds - 2))
-        c1, h1, t1 = sum(map(cpu_seconds, ours)), host_task_seconds(), time.monotonic()
+        c1, (h1, s1), t1 = sum(map(cpu_seconds, ours)), host_cpu_seconds(), time.monotonic()
         other = 100 * ((h1 - h0) - (c1 - c0)) / (t1 - t0)
+        steal = 100 * (s1 - s0) / (t1 - t0)
         rate = result()["rate"]
         if agent:
             agent.stop()
-        clean = other <= args.other_cpu_limit and foreign == 0
+        # Another agent that stays for the whole phase weighs on both kinds of rounds alike; CPU
+        # taken by other work comes and goes, so a round with much of it is left out.
+        clean = other <= args.other_cpu_limit
         rounds.append({"kind": kind, "rate": rate, "other_cpu_percent": round(other, 1),
-                       "foreign_agents": foreign, "tracked_ends": tracked, "clean": clean})
+                       "steal_percent": round(steal, 1), "foreign_agents": foreign,
+                       "tracked_ends": tracked, "clean": clean})
         log(f"throughput round {i + 1}/{len(order)} {'with' if kind == 'B' else 'without'} agent: "
-            f"{rate:,.0f} msg/s (other CPU {other:.0f}% of a core{', foreign agent' if foreign else ''})")
+            f"{rate:,.0f} msg/s (other CPU {other:.0f}% of a core, steal {steal:.0f}%"
+            f"{', another agent running' if foreign else ''})")
         time.sleep(0.5)
     usable = [r for r in rounds if r["clean"]]
     enough = sum(r["kind"] == "A" for r in usable) >= 2 and sum(r["kind"] == "B" for r in usable) >= 2
