@@ -132,11 +132,12 @@ def kill(proc):
 class Proc:
     """A peer process whose stdout is read for readiness words."""
 
-    def __init__(self, argv, name, env=None):
+    def __init__(self, argv, name, env=None, ns=None):
         self.name = name
         self.err = open(LOGS / f"{name}.err", "w")
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.err, env=env)
         self.seen = b""
+        self.popen.netns = ns
         RES.procs.append(self.popen)
         RES.remember_pid(self.popen.pid)
 
@@ -186,6 +187,9 @@ def netns_sysctl(name, key, value):
 
 
 def delete_netns(name):
+    for proc in [p for p in RES.procs if getattr(p, "netns", None) == name]:
+        kill(proc)
+        RES.procs.remove(proc)
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
     for pid in pids.split():
         try:
@@ -203,11 +207,11 @@ def in_ns(ns, *argv):
 
 
 def node(ns, script, *args, name):
-    return Proc(in_ns(ns, "node", BENCH / script, *args), name, env=NODE_ENV)
+    return Proc(in_ns(ns, "node", BENCH / script, *args), name, env=NODE_ENV, ns=ns)
 
 
 def python(ns, script, *args, name):
-    return Proc(in_ns(ns, sys.executable, BENCH / script, *args), name)
+    return Proc(in_ns(ns, sys.executable, BENCH / script, *args), name, ns=ns)
 
 
 # --- The agent ----------------------------------------------------------------------------------
