@@ -5,6 +5,7 @@
 //! the HTTP handlers serve.
 
 use std::{
+    fmt::Write as _,
     path::Path,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -220,6 +221,7 @@ fn refresh(
     pods: &mut k8s::Resolver,
     pod_labels: bool,
 ) {
+    let started = Instant::now();
     let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
     let frames = &kernel.frames;
     tracker.sync(entries, |cookie| frames.get(&cookie, 0).ok());
@@ -227,7 +229,7 @@ fn refresh(
     pods.annotate(&mut connections, Instant::now());
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    let metrics = metrics::render(&metrics::Inputs {
+    let mut metrics = metrics::render(&metrics::Inputs {
         connections: &connections,
         aggregates: tracker.aggregates(),
         events_lost: stats[stat::EVENTS_LOST as usize],
@@ -236,5 +238,13 @@ fn refresh(
         hooks: &kernel.hooks,
         pod_labels,
     });
+    // What this refresh cost: reading the kernel map, verdicts and rendering.
+    let _ = write!(
+        metrics,
+        "# HELP observer_refresh_duration_seconds Duration of the last refresh.\n\
+         # TYPE observer_refresh_duration_seconds gauge\n\
+         observer_refresh_duration_seconds {:.6}\n",
+        started.elapsed().as_secs_f64()
+    );
     shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
 }

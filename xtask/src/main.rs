@@ -1,4 +1,5 @@
-//! `cargo xtask`: builds, runs, lints and tests observer, setting up what each step needs first.
+//! `cargo xtask`: builds, runs, lints, tests and benchmarks observer, setting up what each step
+//! needs first.
 //!
 //! Every command checks its prerequisites and installs what is missing, saying what it does:
 //! the nightly toolchain the kernel programs build with (with `rust-src`), `bpf-linker`, and for
@@ -17,6 +18,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// Nightly with LLVM 22, the LLVM `bpf-linker` 0.10.4 is built against.
 const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
@@ -54,6 +57,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         pytest_args: Vec<OsString>,
     },
+    /// Measure what the agent costs and how fast it detects faults (as root, about 10 minutes);
+    /// writes target/bench/summary.json. See BENCHMARKS.md.
+    Bench {
+        /// Extra arguments for bench/run.py, after `--` (e.g. `--phases hooks,scale`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +94,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Lint => lint()?,
         Task::Fuzz { seconds } => fuzz(&ebpf_prerequisites()?, seconds)?,
         Task::Test { pytest_args } => test(&root, &pytest_args)?,
+        Task::Bench { args } => bench::bench(&root, &args)?,
     }
     Ok(())
 }
