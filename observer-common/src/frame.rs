@@ -18,6 +18,10 @@
 /// Longest frame header: 2 bytes, 8 bytes of extended length, 4 bytes of mask key.
 pub const MAX_HEADER: usize = 14;
 
+/// Farthest ahead of the next expected byte, and longest, that a reordered range may be and
+/// still be waited for; beyond, bytes are taken as never to be seen here.
+pub const PARK_LIMIT: u32 = 1 << 20;
+
 /// Upper bounds of the message-size buckets, in bytes; a last bucket holds larger messages.
 pub const MESSAGE_SIZE_BOUNDS: [u64; 10] =
     [64, 256, 1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20];
@@ -89,6 +93,9 @@ pub enum Placement {
     Old,
     /// Bytes before this segment were never seen.
     Gap,
+    /// The segment arrived ahead of bytes not seen yet (reordered): its range is remembered,
+    /// not its bytes, and it is passed over once the hole fills if it holds payload only.
+    Parked,
     /// New bytes start `skip` bytes into the segment.
     New { skip: u32 },
 }
@@ -180,9 +187,11 @@ pub struct StreamState {
     /// Mask key of the current frame (unmasks the close code).
     pub mask: [u8; 4],
     pub _pad2: [u8; 6],
+    /// Range of stream offsets `[start, end)` that arrived ahead of a hole; empty when equal.
+    pub parked: [u32; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<StreamState>() == 152);
+const _: () = assert!(core::mem::size_of::<StreamState>() == 160);
 
 /// Header size announced by the first two header bytes.
 const fn header_size(b1: u8) -> usize {
@@ -254,12 +263,55 @@ impl StreamState {
         }
         let end = stream_offset.wrapping_add(len);
         if end.wrapping_sub(self.next_offset) as i32 <= 0 {
-            Placement::Old
-        } else if stream_offset.wrapping_sub(self.next_offset) as i32 > 0 {
-            Placement::Gap
-        } else {
-            Placement::New { skip: self.next_offset.wrapping_sub(stream_offset) }
+            return Placement::Old;
         }
+        if stream_offset.wrapping_sub(self.next_offset) as i32 <= 0 {
+            return Placement::New { skip: self.next_offset.wrapping_sub(stream_offset) };
+        }
+        // Ahead of the next expected byte: reordered on the way (a sender moving between CPUs
+        // reorders even loopback), or lost before this hook. Remember one contiguous range.
+        if self.phase != Phase::Frames as u8 {
+            return Placement::Gap;
+        }
+        let [start, parked_end] = self.parked;
+        let near = |to: u32| to.wrapping_sub(self.next_offset) <= PARK_LIMIT;
+        if start == parked_end && near(end) {
+            self.parked = [stream_offset, end];
+            Placement::Parked
+        } else if start != parked_end && stream_offset == parked_end && near(end) {
+            self.parked[1] = end;
+            Placement::Parked
+        } else if stream_offset.wrapping_sub(start) as i32 >= 0
+            && parked_end.wrapping_sub(end) as i32 >= 0
+        {
+            Placement::Old
+        } else {
+            Placement::Gap
+        }
+    }
+
+    /// After tracking up to `next_offset`: passes over a parked range the hole before it led
+    /// up to, which is possible without its bytes only when it lies inside a frame's payload.
+    pub fn unpark(&mut self) {
+        let [start, end] = self.parked;
+        if start == end || (self.next_offset.wrapping_sub(start) as i32) < 0 {
+            return; // Nothing parked, or the hole is not filled yet.
+        }
+        self.parked = [0, 0];
+        if end.wrapping_sub(self.next_offset) as i32 <= 0 {
+            return; // Seen again since.
+        }
+        let ahead = end.wrapping_sub(self.next_offset);
+        let inside_payload = self.phase == Phase::Frames as u8
+            && self.header_len == 0
+            && self.capture == 0
+            && self.payload_left >= u64::from(ahead);
+        if inside_payload {
+            self.payload_left -= u64::from(ahead);
+        } else {
+            self.lose();
+        }
+        self.next_offset = end;
     }
 
     /// A copy to dry-run over a segment after tracking was lost: framing reset, counting off.
@@ -310,6 +362,7 @@ impl StreamState {
 
     /// Marks the direction lost: its frame boundaries are unknown from here on.
     pub fn lose(&mut self) {
+        self.parked = [0, 0];
         if self.phase == Phase::Headers as u8 || self.phase == Phase::Frames as u8 {
             self.lost += 1;
             self.phase = Phase::Lost as u8;
@@ -792,7 +845,7 @@ mod tests {
         let mut frames = Vec::new();
         for &(offset, bytes) in segments {
             let skip = match state.place(offset, bytes.len() as u32) {
-                Placement::Old => continue,
+                Placement::Old | Placement::Parked => continue,
                 Placement::Gap => {
                     state.lose();
                     0
@@ -819,6 +872,7 @@ mod tests {
             }
             run(state, &mut frames);
             state.next_offset = end;
+            state.unpark();
         }
         frames
     }
@@ -836,24 +890,24 @@ mod tests {
 
     #[test]
     fn after_a_gap_tracking_resumes_at_a_clear_frame_boundary_without_phantoms() {
-        let first = frame(true, opcode::BINARY, &[7; 300], None);
+        let first = frame(true, opcode::BINARY, &[7; 3_000_000], None);
         let whole =
             [frame(true, opcode::TEXT, b"hello", None), frame(true, opcode::PONG, b"", None)]
                 .concat();
         let stream = [first.clone(), whole.clone()].concat();
         let mut s = frames_state();
-        // The segment holding bytes 10..100 of the first frame never arrives.
-        let seen_after_gap = &stream[100..first.len()];
+        // Bytes 10..2 000 000 of the first frame never arrive: too many to wait for.
+        let seen_after_gap = &stream[2_000_000..first.len()];
         let frames = drive(
             &mut s,
-            &[(0, &stream[..10]), (100, seen_after_gap), (first.len() as u32, &whole)],
+            &[(0, &stream[..10]), (2_000_000, seen_after_gap), (first.len() as u32, &whole)],
         );
         // The binary header was seen before the gap; nothing is reported from the middle of its
         // payload; both whole frames after it are.
         assert_eq!(
             summary(&frames),
             [
-                (opcode::BINARY, true, 300, 0),
+                (opcode::BINARY, true, 3_000_000, 0),
                 (opcode::TEXT, true, 5, 0),
                 (opcode::PONG, true, 0, 0)
             ]
@@ -867,8 +921,9 @@ mod tests {
         // length runs past the segment: not enough evidence.
         let mut s = frames_state();
         let fake = [0x81u8, 0x7e, 0x10, 0x00, b'a', b'b'];
-        let frames = drive(&mut s, &[(0, &[0x82, 0x7e, 0x10, 0x00]), (100, &fake)]);
-        assert_eq!(summary(&frames), [(opcode::BINARY, true, 4096, 0)], "only the real header");
+        let far = PARK_LIMIT * 2;
+        let frames = drive(&mut s, &[(0, &[0x82, 0x7f, 0, 0, 0, 0, 0, 0x10, 0, 0]), (far, &fake)]);
+        assert_eq!(summary(&frames), [(opcode::BINARY, true, 1 << 20, 0)], "only the real header");
         assert_eq!(s.phase(), Phase::Lost);
     }
 
@@ -884,5 +939,32 @@ mod tests {
         assert_eq!(summary(&frames), [(opcode::TEXT, true, 3, 0)]);
         assert_eq!(s.phase(), Phase::Frames);
         assert_eq!(s.lost, 0, "an unknown start is not a loss");
+    }
+
+    #[test]
+    fn segments_reordered_inside_a_payload_are_passed_over() {
+        let stream =
+            [frame(true, opcode::BINARY, &[1; 3000], None), frame(true, opcode::PING, b"", None)]
+                .concat();
+        // Payload only from 2000 to the end of the binary frame (4-byte header).
+        let (a, b) = (&stream[..1000], &stream[1000..2000]);
+        let (c, d) = (&stream[2000..3004], &stream[3004..]);
+        let mut s = frames_state();
+        // The second segment arrives after the third, and the third again later.
+        let frames = drive(&mut s, &[(0, a), (2000, c), (1000, b), (2000, c), (3004, d)]);
+        assert_eq!(summary(&frames), [(opcode::BINARY, true, 3000, 0), (opcode::PING, true, 0, 0)]);
+        assert_eq!((s.lost, s.phase()), (0, Phase::Frames));
+        assert_eq!(s.next_offset as usize, stream.len());
+    }
+
+    #[test]
+    fn a_reordered_segment_holding_a_header_loses_tracking() {
+        let stream =
+            [frame(true, opcode::TEXT, b"aaaa", None), frame(true, opcode::TEXT, b"bbbb", None)]
+                .concat();
+        let mut s = frames_state();
+        let frames = drive(&mut s, &[(0, &stream[..3]), (6, &stream[6..]), (3, &stream[3..6])]);
+        assert_eq!(summary(&frames), [(opcode::TEXT, true, 4, 0)]);
+        assert_eq!((s.lost, s.phase()), (1, Phase::Lost));
     }
 }

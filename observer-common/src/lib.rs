@@ -225,7 +225,7 @@ pub struct WsState {
     pub dir: [StreamState; 2],
 }
 
-const _: () = assert!(size_of::<WsState>() == 304);
+const _: () = assert!(size_of::<WsState>() == 320);
 
 /// An open or close event: the connection's state at that moment. `frames` is all zero when the
 /// connection had no frame tracking.
@@ -237,7 +237,7 @@ pub struct ConnEvent {
     pub frames: WsState,
 }
 
-const _: () = assert!(size_of::<ConnEvent>() == 24 + 224 + 304);
+const _: () = assert!(size_of::<ConnEvent>() == 24 + 224 + 320);
 
 /// A control frame (ping, pong or close) seen on a tracked connection.
 #[repr(C)]

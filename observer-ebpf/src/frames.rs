@@ -6,8 +6,10 @@
 //!
 //! Segments are placed by sequence number relative to the stream's start (taken from
 //! `bpf_sock_ops` at establishment): bytes already tracked (retransmissions, overlaps) are
-//! skipped; a segment beyond the next expected byte means bytes were never seen here (reordering
-//! or loss before this hook), which loses that direction's tracking and is counted. A lost
+//! skipped; a segment a little ahead of the next expected byte (reordered: a sender moving
+//! between CPUs reorders even loopback) is remembered by its range and passed over once the hole
+//! fills, if it held payload only; otherwise bytes were never seen here, which loses that
+//! direction's tracking and is counted. A lost
 //! direction resumes at the first segment whose start a dry run shows to be a frame boundary
 //! beyond doubt, and counts nothing in between. Data at a given sequence number never changes,
 //! so tracking a segment TCP later drops is still correct.
@@ -93,7 +95,7 @@ pub fn track(
     let end_offset = stream_offset.wrapping_add(payload_len);
     // SAFETY: as above, for every access to `*state` below.
     let skip = match unsafe { (*state).place(stream_offset, payload_len) } {
-        Placement::Old => return,
+        Placement::Old | Placement::Parked => return,
         Placement::Gap => {
             unsafe { (*state).lose() };
             0
@@ -125,7 +127,10 @@ pub fn track(
         // More work than any real segment needs: give up on this direction.
         unsafe { (*state).lose() };
     }
-    unsafe { (*state).next_offset = end_offset };
+    unsafe {
+        (*state).next_offset = end_offset;
+        (*state).unpark();
+    }
 }
 
 /// Runs the machine over the walk's segment; false if it did not finish. Kept out of line so

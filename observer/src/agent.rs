@@ -5,7 +5,6 @@
 //! the HTTP handlers serve.
 
 use std::{
-    fmt::Write as _,
     path::Path,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -239,12 +238,6 @@ fn refresh(
         pod_labels,
     });
     // What this refresh cost: reading the kernel map, verdicts and rendering.
-    let _ = write!(
-        metrics,
-        "# HELP observer_refresh_duration_seconds Duration of the last refresh.\n\
-         # TYPE observer_refresh_duration_seconds gauge\n\
-         observer_refresh_duration_seconds {:.6}\n",
-        started.elapsed().as_secs_f64()
-    );
+    metrics::append_refresh_duration(&mut metrics, started.elapsed().as_secs_f64());
     shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
 }

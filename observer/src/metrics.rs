@@ -414,6 +414,17 @@ fn with_pod<'a>(labels: &Labels<'a>, pod: &'a PodKey<'a>) -> Vec<(&'a str, &'a d
     all
 }
 
+/// Appends how long the refresh that rendered `out` took, rendering included.
+pub fn append_refresh_duration(out: &mut String, seconds: f64) {
+    family(
+        out,
+        "observer_refresh_duration_seconds",
+        "gauge",
+        "Duration of the last refresh: reading the kernel map, verdicts and rendering.",
+    );
+    let _ = writeln!(out, "observer_refresh_duration_seconds {seconds:.6}");
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
