@@ -233,3 +233,21 @@ def test_tls_and_http2_on_a_watched_port_are_named_not_parsed(netns, agent_facto
     assert not both["server"]["websocket"]
     assert not both["server"]["frames_tracked"]
     assert agent.metric("websocket_messages_total", port=port, role="server", direction="in", opcode="text") is None
+
+
+def test_unmasked_client_frame_is_a_protocol_violation(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8780
+    netns.python_peer("server", port)
+    netns.node_peer("client", f"ws://127.0.0.1:{port}/", "unmasked", ready="done")
+
+    def violation():
+        return agent.metric("websocket_protocol_violations_total", port=port, role="server")
+
+    wait_for("the unmasked frame counted as a violation", lambda: (violation() or 0) >= 1, 3)
+    # The server refuses it with 1002 (protocol error), and the agent says who closed.
+    wait_for(
+        "the server's 1002",
+        lambda: agent.metric("websocket_close_total", port=port, role="server", code=1002, initiator="local") == 1,
+        timeout=3,
+    )

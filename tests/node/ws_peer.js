@@ -1,12 +1,13 @@
 // WebSocket peer built on the Node `ws` library, for observer's tests.
 //
 //   node ws_peer.js server PORT [echo|sink|nopong|broadcast]
-//   node ws_peer.js client URL chatty|silent|stream|fragmented [COUNT]
+//   node ws_peer.js client URL chatty|silent|stream|fragmented|unmasked [COUNT]
 //
 // Same modes as tests/peers/py_ws.py, plus: a `broadcast` server sends 10 KiB every 5 ms to each
 // client without looking at backpressure (its buffer grows in user space); a `nopong` server echoes but never answers pings
 // (`autoPong: false`); a `fragmented` client sends one text message in three fragments with a
-// ping between the first two, logs each frame it sent as `frame OPCODE FIN`, then `done`.
+// ping between the first two, logs each frame it sent as `frame OPCODE FIN`, then `done`; an
+// `unmasked` client sends one text frame without the mask RFC 6455 requires of clients.
 // Prints `ready` once listening or connected, and `quiet` when a `silent` client has gone quiet.
 'use strict';
 
@@ -59,6 +60,9 @@ if (role === 'server') {
       log('continuation', false);
       ws.send('three', { fin: true });
       log('continuation', true);
+      console.log('done');
+    } else if (mode === 'unmasked') {
+      ws.send('not masked', { mask: false });
       console.log('done');
     } else if (mode === 'stream') {
       const payload = Buffer.alloc(65536, 120);
