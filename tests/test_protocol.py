@@ -6,6 +6,7 @@ what the sender logged it sent.
 """
 
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -251,3 +252,39 @@ def test_unmasked_client_frame_is_a_protocol_violation(netns, agent_factory):
         lambda: agent.metric("websocket_close_total", port=port, role="server", code=1002, initiator="local") == 1,
         timeout=3,
     )
+
+
+def test_permessage_deflate_is_recognised_and_its_frames_decoded(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8781
+    netns.python_peer("server", port)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, websockets
+        async def main():
+            async with websockets.connect("ws://127.0.0.1:{port}/", max_size=None) as ws:
+                message = json.dumps([{{"key": "value", "n": 1}}] * 3000)  # about 64 KiB
+                for _ in range(10):
+                    await ws.send(message)
+                    await ws.recv()
+                await ws.ping()
+                print(f"sent {{10 * len(message)}}", flush=True)
+                print("done", flush=True)
+                await asyncio.Future()
+        asyncio.run(main())
+        """
+    )
+    client = netns.spawn(sys.executable, "-c", script, ready="done")
+    sent = int(client.seen.decode().split("sent ")[1].split()[0])
+
+    def counted():
+        got = messages(agent, port, "client", "out")
+        return got["text"] == 10 and got["ping"] == 1 and got
+
+    wait_for("ten compressed messages and a ping", counted, timeout=3)
+    client_end = end(agent, port, "client")
+    assert "permessage-deflate" in (client_end["extensions"] or "")
+    wire = agent.metric("websocket_message_size_bytes_sum", port=port, direction="out")
+    assert 0 < wire < sent / 10, (wire, sent)
+    # RSV1 is expected here: not a violation.
+    assert agent.metric("websocket_protocol_violations_total", port=port, role="server") is None

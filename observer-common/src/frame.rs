@@ -186,7 +186,10 @@ pub struct StreamState {
     pub header: [u8; MAX_HEADER],
     /// Mask key of the current frame (unmasks the close code).
     pub mask: [u8; 4],
-    pub _pad2: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// Frames with RSV1 set: compressed messages, legitimate only when `permessage-deflate` was
+    /// negotiated (the kernel cannot know; the agent judges).
+    pub rsv1_frames: u32,
     /// Range of stream offsets `[start, end)` that arrived ahead of a hole; empty when equal.
     pub parked: [u32; 2],
 }
@@ -557,6 +560,9 @@ impl StreamState {
     #[inline(always)]
     fn account(&mut self, frame: &Frame, now_ns: u64) {
         self.last_frame_ns = now_ns;
+        if frame.rsv & 0b100 != 0 {
+            self.rsv1_frames += 1;
+        }
         let expect_masked = self.flags & stream_flags::EXPECT_MASKED != 0;
         if frame.masked != expect_masked {
             self.violations += 1;

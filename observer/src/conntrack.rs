@@ -97,6 +97,7 @@ struct Baseline {
     bytes: [u64; 2],
     violations: [u32; 2],
     lost: [u32; 2],
+    rsv1: [u32; 2],
 }
 
 /// An unanswered ping.
@@ -491,7 +492,15 @@ fn take_frame_counts(aggregates: &mut Aggregates, conn: &mut Conn) {
         base.sizes[d] = stream.message_sizes;
         base.bytes[d] = stream.message_bytes_total;
 
-        let violations = stream.violations.wrapping_sub(base.violations[d]);
+        // RSV1 marks a compressed message: a violation when the handshake, seen, agreed no
+        // permessage-deflate (adopted connections' handshakes were not seen).
+        let undeflated = conn.upgrade.as_ref().is_some_and(|u| {
+            !u.extensions.as_deref().is_some_and(|e| e.contains("permessage-deflate"))
+        });
+        let rsv1 = stream.rsv1_frames.wrapping_sub(base.rsv1[d]);
+        base.rsv1[d] = stream.rsv1_frames;
+        let violations =
+            stream.violations.wrapping_sub(base.violations[d]) + if undeflated { rsv1 } else { 0 };
         if violations > 0 {
             *aggregates.violations.entry(series).or_default() += u64::from(violations);
         }
@@ -810,6 +819,25 @@ mod tests {
         assert_eq!(view.state, Verdict::Idle);
         assert!(view.frames_tracked);
         assert_eq!(view.last_frame_age_seconds, Some(0.0));
+    }
+
+    #[test]
+    fn rsv1_is_a_violation_only_without_permessage_deflate() {
+        for (extensions, expected) in [(None, Some(&2)), (Some("permessage-deflate"), None)] {
+            let mut t = tracker();
+            let s = server(8080, false);
+            upgraded(&mut t, 8, s);
+            t.conns.get_mut(&8).unwrap().upgrade.as_mut().unwrap().extensions =
+                extensions.map(str::to_owned);
+            let mut ws = WsState::default();
+            ws.dir[0].rsv1_frames = 2;
+            t.sync([(8, s)], |_| Some(ws));
+            assert_eq!(
+                t.aggregates().violations.get(&(8080, "server")),
+                expected,
+                "{extensions:?}"
+            );
+        }
     }
 
     #[test]
