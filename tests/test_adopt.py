@@ -41,6 +41,7 @@ def test_connections_open_before_the_agent_are_adopted(netns, agent_factory):
         lambda: (s := end(agent, watched, "server")) and end(agent, watched, "client") and s,
         timeout=REFRESH + SLACK + 2,
     )
+    # Reported at once; `websocket` waits for frames (this one carries lines, not frames).
     assert both["adopted"] and not both["websocket"] and both["state"] == "active"
 
     # Elsewhere, frames make it WebSocket: the chatty pair is recognised mid-stream.

@@ -288,3 +288,19 @@ def test_permessage_deflate_is_recognised_and_its_frames_decoded(netns, agent_fa
     assert 0 < wire < sent / 10, (wire, sent)
     # RSV1 is expected here: not a violation.
     assert agent.metric("websocket_protocol_violations_total", port=port, role="server") is None
+
+
+def test_watched_port_still_parses_the_handshake_and_heartbeats_stay_idle(netns, agent_factory):
+    port = 8782
+    agent = agent_factory(*FLAGS, "--port", port)
+    netns.python_peer("server", port)
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/watched?k=v", "pinger")
+    client = wait_for(
+        "the upgrade parsed on a watched port",
+        lambda: (c := end(agent, port, "client")) and c["websocket"] and c["frames_tracked"] and c,
+        timeout=3,
+    )
+    assert client["path"] == "/watched" and client["protocol"] == "websocket"
+    assert agent.metric("websocket_handshake_duration_seconds_count", port=port) == 2
+    # Only pings and pongs cross: idle, like anywhere else.
+    wait_for("idle on a watched port", lambda: end(agent, port, "client")["state"] == "idle", 2 + SLACK + 1)

@@ -146,10 +146,11 @@ fn account(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment, direction:
 
     // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
     unsafe {
+        // Only ever raised: the callbacks may have counted ahead of this sample.
         if retrans > (*state).total_retrans {
             (*state).last_retrans_ns = now;
+            (*state).total_retrans = retrans;
         }
-        (*state).total_retrans = retrans;
     }
     if direction == Direction::Egress {
         return;

@@ -42,8 +42,8 @@ pub fn observer_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, Role::Client),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, Role::Server),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
-        BPF_SOCK_OPS_RETRANS_CB => retransmitted(&ctx, true),
-        BPF_SOCK_OPS_RTO_CB => retransmitted(&ctx, false),
+        BPF_SOCK_OPS_RETRANS_CB => retransmitted(&ctx, ctx.arg(1), ctx.arg(2)),
+        BPF_SOCK_OPS_RTO_CB => retransmitted(&ctx, 0, 0),
         _ => {}
     }
     1
@@ -163,9 +163,10 @@ fn state_changed(ctx: &SockOpsContext) {
     let _ = STOP_FWD.remove(cookie);
 }
 
-/// A segment was retransmitted (`segment`), or the retransmission timer fired.
+/// `segs` segments were retransmitted (`err` zero when they left), or the retransmission timer
+/// fired (`segs` zero).
 #[inline(always)]
-fn retransmitted(ctx: &SockOpsContext, segment: bool) {
+fn retransmitted(ctx: &SockOpsContext, segs: u32, err: u32) {
     let ops = ctx.ops;
     // SAFETY: `ops` is the program's context, valid for the whole run.
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
@@ -178,10 +179,12 @@ fn retransmitted(ctx: &SockOpsContext, segment: bool) {
     // context field is rewritten by the verifier.
     unsafe {
         (*state).last_retrans_ns = now;
-        // The callback may run before the socket counts this retransmission: count it here.
-        let counted = if segment { (*state).total_retrans + 1 } else { (*state).total_retrans };
-        let socket = if (*ops).is_fullsock != 0 { (*ops).total_retrans } else { 0 };
-        (*state).total_retrans = if socket > counted { socket } else { counted };
+        // The socket adds these segments to `total_retrans` only after this callback returns.
+        let sent = if err == 0 { segs } else { 0 };
+        let socket = if (*ops).is_fullsock != 0 { (*ops).total_retrans + sent } else { 0 };
+        if socket > (*state).total_retrans {
+            (*state).total_retrans = socket;
+        }
     }
 }
 

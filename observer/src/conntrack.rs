@@ -198,7 +198,24 @@ impl Conn {
     /// by bytes otherwise.
     fn data_activity_ns(&self) -> Option<u64> {
         let ws = self.frames.filter(|_| self.frames_tracked())?;
-        Some(ws.dir[0].last_data_ns.max(ws.dir[1].last_data_ns).max(self.state.established_ns))
+        // Adopted: the connection is older than its entry; the kernel's last data times are
+        // the floor, not the adoption.
+        let floor = if self.adopted {
+            self.state.last_write_ns.max(self.state.last_rx_ns)
+        } else {
+            self.state.established_ns
+        };
+        Some(ws.dir[0].last_data_ns.max(ws.dir[1].last_data_ns).max(floor))
+    }
+
+    /// Age of the oldest ping still unanswered after the pong timeout, if any.
+    fn unanswered_ping_ns(&self, now_ns: u64) -> Option<u64> {
+        self.outstanding
+            .iter()
+            .flatten()
+            .filter(|p| p.missed)
+            .map(|p| now_ns.saturating_sub(p.at_ns))
+            .max()
     }
 }
 
@@ -246,7 +263,13 @@ impl Tracker {
         if conn.upgrade.is_some() {
             return None;
         }
-        if conn.state.flags & flags::HTTP_CANDIDATE == 0 {
+        let request = direction == conn.request_direction();
+        // The kernel marks a candidate once the request opens with `G`; the table's copy of the
+        // flags may predate that (a watched connection is known from its open event).
+        let candidate = conn.state.flags & flags::HTTP_CANDIDATE != 0
+            || conn.handshake.is_some()
+            || (request && offset == 0 && data.first() == Some(&b'G'));
+        if !candidate {
             // A watched connection that is not HTTP: name it by its first bytes, and stop.
             if offset == 0 {
                 conn.protocol = sniff(data);
@@ -254,7 +277,6 @@ impl Tracker {
             return Some(KernelAction::StopForwarding(cookie));
         }
 
-        let request = direction == conn.request_direction();
         if request && offset == 0 {
             conn.request_started_ns = ts_ns;
         }
@@ -400,7 +422,13 @@ impl Tracker {
                     *self.aggregates.pong_missed.entry(series).or_default() += 1;
                 }
             }
-            let judgement = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
+            let mut judgement =
+                judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
+            if let Some(age) = conn.unanswered_ping_ns(now_ns) {
+                judgement
+                    .detail
+                    .push_str(&format!("; a ping unanswered for {:.0} s", age as f64 / 1e9));
+            }
             let verdict = judgement.verdict;
             if conn.verdict != Some(verdict) {
                 conn.verdict_since_ns = now_ns;
@@ -440,13 +468,26 @@ impl Tracker {
 
     /// Accounts for a connection that ended.
     fn finish(&mut self, mut conn: Conn) {
-        take_frame_counts(&mut self.aggregates, &mut conn);
+        if conn.websocket() {
+            take_frame_counts(&mut self.aggregates, &mut conn);
+        }
         if conn.accepted || (conn.adopted && conn.reported()) {
             let outcome =
                 if conn.close_frames == [true, true] { Outcome::Close } else { Outcome::Abort };
             self.aggregates.count(conn.series(), outcome);
             let reason = close_reason(&conn.state);
             *self.aggregates.closed.entry((conn.series(), reason)).or_default() += 1;
+            let s = &conn.state;
+            info!(
+                local = %socket_addr(s.family, &s.local_addr, s.local_port),
+                remote = %socket_addr(s.family, &s.remote_addr, s.remote_port),
+                role = role_name(conn.role()),
+                pid = s.pid,
+                outcome = outcome.as_str(),
+                reason,
+                close_code = conn.close_code.unwrap_or(0),
+                "connection closed"
+            );
         } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
             // Closed while the upgrade waited for its answer.
             self.aggregates.count(conn.series(), Outcome::Reject);

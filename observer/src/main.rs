@@ -26,12 +26,22 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command};
 
+/// Writes one line to stderr, ignoring a closed stderr (a reader that went away).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log reader that goes away must not take the agent with it: no complaint on stderr.
+        .log_internal_errors(false)
         .init();
 
     let run_args = match cli.command {
@@ -39,7 +49,7 @@ fn main() -> ExitCode {
             return match list::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    eprintln!("observer list: {error:#}");
+                    say!("observer list: {error:#}");
                     ExitCode::FAILURE
                 }
             };
@@ -50,7 +60,7 @@ fn main() -> ExitCode {
     let config = match run_args.validate() {
         Ok(config) => config,
         Err(message) => {
-            eprintln!("observer: {message}");
+            say!("observer: {message}");
             return ExitCode::from(2);
         }
     };
@@ -58,14 +68,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("observer: cannot start the runtime: {error}");
+            say!("observer: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(agent::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("observer: {}", error_chain(&error));
+            say!("observer: {}", error_chain(&error));
             ExitCode::from(error.exit_code())
         }
     }

@@ -206,11 +206,12 @@ pub fn judge(
 pub fn close_reason(state: &ConnState) -> &'static str {
     let rst_sent = state.ends & ends::RST_SENT != 0;
     let rst_received = state.ends & ends::RST_RECEIVED != 0;
-    if rst_sent && state.recv_queue() > 0 {
-        // Closed by the application with bytes it never read: the kernel resets.
-        "aborted"
-    } else if rst_received {
+    if rst_received {
         "reset_received"
+    } else if state.recv_queue() > 0 {
+        // Closed by the application with bytes it never read: the kernel resets (and reaches
+        // `TCP_CLOSE` before sending the reset, so the reset itself may go unseen).
+        "aborted"
     } else if rst_sent {
         "reset_sent"
     } else if state.final_packets_out > 0 || state.send_queue() > 0 {
@@ -392,5 +393,7 @@ mod tests {
         assert_eq!(close_reason(&c), "reset_sent");
         c.tcp_bytes_received = 100;
         assert_eq!(close_reason(&c), "aborted");
+        c.ends = 0;
+        assert_eq!(close_reason(&c), "aborted", "the reset after TCP_CLOSE is not seen");
     }
 }
