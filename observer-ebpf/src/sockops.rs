@@ -129,32 +129,43 @@ fn state_changed(ctx: &SockOpsContext) {
         return;
     };
     let new_state = ctx.arg(1);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `state` comes from a successful map lookup and stays valid during this run;
     // the context fields are rewritten by the verifier.
+    unsafe {
+        if (*ops).is_fullsock != 0 {
+            (*state).tcp_bytes_acked = (*ops).bytes_acked;
+            (*state).tcp_bytes_received = (*ops).bytes_received;
+            if (*ops).total_retrans > (*state).total_retrans {
+                (*state).total_retrans = (*ops).total_retrans;
+            }
+            if new_state == TCP_CLOSE {
+                (*state).final_packets_out = (*ops).packets_out;
+            }
+        }
+    }
+    record_state(cookie, state, new_state);
+}
+
+/// Records a state change. At `TCP_CLOSE`, sends the close event of a connection that may be
+/// reported and forgets the connection.
+#[inline(always)]
+fn record_state(cookie: u64, state: *mut ConnState, new_state: u32) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `state` comes from a successful map lookup made in this same run.
     unsafe {
         (*state).tcp_state = new_state as u8;
         (*state).state_changed_ns = now;
         if new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING {
             (*state).ends |= ends::FIN_RECEIVED;
         }
-        if (*ops).is_fullsock != 0 {
-            (*state).tcp_bytes_acked = (*ops).bytes_acked;
-            (*state).tcp_bytes_received = (*ops).bytes_received;
-            (*state).total_retrans = (*ops).total_retrans;
-            if new_state == TCP_CLOSE {
-                (*state).final_packets_out = (*ops).packets_out;
-            }
-        }
     }
     if new_state != TCP_CLOSE {
         return;
     }
-
+    let may_be_reported = flags::WATCHED | flags::HTTP_CANDIDATE | flags::ADOPTED;
     // SAFETY: as above.
-    let reported = unsafe { (*state).flags } & (flags::WATCHED | flags::HTTP_CANDIDATE) != 0;
-    if reported {
+    if unsafe { (*state).flags } & may_be_reported != 0 {
         // SAFETY: as above.
         emit_conn(EventKind::Close, cookie, now, unsafe { &*state });
     }
@@ -202,25 +213,8 @@ pub fn observer_adopted_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     // SAFETY: `state` comes from a successful map lookup and stays valid during this run.
-    if unsafe { (*state).flags } & flags::ADOPTED == 0 {
-        return 0;
-    }
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: as above.
-    unsafe {
-        (*state).tcp_state = new_state as u8;
-        (*state).state_changed_ns = now;
-        if new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING {
-            (*state).ends |= ends::FIN_RECEIVED;
-        }
-    }
-    if new_state == TCP_CLOSE {
-        // SAFETY: as above.
-        emit_conn(EventKind::Close, cookie, now, unsafe { &*state });
-        let _ = CONNS.remove(cookie);
-        let _ = FRAMES.remove(cookie);
-        let _ = STOP_FWD.remove(cookie);
+    if unsafe { (*state).flags } & flags::ADOPTED != 0 {
+        record_state(cookie, state, new_state);
     }
     0
 }

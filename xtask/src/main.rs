@@ -158,25 +158,7 @@ fn ebpf_prerequisites() -> anyhow::Result<String> {
         PINNED_NIGHTLY.to_owned()
     };
 
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        &toolchain,
-    ]))
-    .unwrap_or_default();
-    if !components.lines().any(|c| c.starts_with("rust-src")) {
-        step(&format!("adding rust-src to {toolchain} (needed for -Z build-std=core)"));
-        sh(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            &toolchain,
-        ]))
-        .with_context(|| format!("fix: rustup component add rust-src --toolchain {toolchain}"))?;
-    }
+    ensure_component(&toolchain, "rust-src", "needed for -Z build-std=core")?;
 
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
@@ -190,6 +172,24 @@ fn ebpf_prerequisites() -> anyhow::Result<String> {
         .with_context(|| format!("fix: cargo install --locked bpf-linker@{BPF_LINKER_VERSION}"))?;
     }
     Ok(toolchain)
+}
+
+/// Adds a rustup component to `toolchain` when it is missing.
+fn ensure_component(toolchain: &str, component: &str, why: &str) -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|c| c.starts_with(component)) {
+        return Ok(());
+    }
+    step(&format!("adding {component} to {toolchain} ({why})"));
+    sh(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))
+        .with_context(|| format!("fix: rustup component add {component} --toolchain {toolchain}"))
 }
 
 /// Builds the release agent and returns its path.
@@ -224,18 +224,7 @@ fn lint() -> anyhow::Result<()> {
         .args(["clippy", "--workspace", "--exclude", "observer-ebpf", "--all-targets", "--"])
         .args(["-D", "warnings"])
         .env("OBSERVER_EBPF_TOOLCHAIN", &toolchain))?;
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        &toolchain,
-    ]))
-    .unwrap_or_default();
-    if !components.lines().any(|c| c.starts_with("clippy")) {
-        step(&format!("adding clippy to {toolchain}"));
-        sh(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", &toolchain]))?;
-    }
+    ensure_component(&toolchain, "clippy", "lints the kernel programs")?;
     step("clippy on the kernel programs");
     sh(Command::new("rustup")
         .args(["run", &toolchain, "cargo", "clippy", "--package", "observer-ebpf"])
