@@ -117,12 +117,14 @@ class Netns:
 class Agent:
     """A running observer, queried over its HTTP endpoint."""
 
-    def __init__(self, args, log_path):
+    def __init__(self, args, log_path, prefix=()):
+        """Starts the agent with `args`, behind the command `prefix` (e.g. `setpriv ...`)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
-        argv = [OBSERVER, "run", "--metrics-addr", f"127.0.0.1:{self.port}", *map(str, args)]
+        argv = [*prefix, OBSERVER, "run", "--metrics-addr", f"127.0.0.1:{self.port}"]
+        argv += list(map(str, args))
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for("the agent's /healthz", self._healthy, timeout=30)
 

@@ -41,7 +41,7 @@ pub enum KernelError {
     /// The BPF object was refused as a whole (usually missing privileges).
     #[error(
         "cannot load the kernel programs ({0}); run as root or grant CAP_BPF, CAP_PERFMON, \
-         CAP_NET_ADMIN and CAP_SYS_RESOURCE"
+         CAP_NET_ADMIN and CAP_SYS_ADMIN"
     )]
     Load(#[source] Box<aya::EbpfError>),
     /// One program failed to load or attach.

@@ -316,13 +316,23 @@ fn fuzz(toolchain: &str, seconds: u32) -> anyhow::Result<()> {
 /// Installs the test peers: a Python virtualenv with `tests/requirements.txt`, and the Node
 /// packages of `tests/node`. Returns the virtualenv's Python.
 fn test_peers(root: &Path) -> anyhow::Result<PathBuf> {
-    for (tool, package) in
-        [("ip", "iproute2"), ("ss", "iproute2"), ("node", "nodejs"), ("npm", "npm")]
-    {
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("node", "nodejs"),
+        ("npm", "npm"),
+        ("bpftool", "bpftool"),
+        ("setpriv", "util-linux"),
+    ] {
         if output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
             step(&format!("installing {package} (for {tool})"));
-            sh(Command::new("apt-get").args(["install", "-y", "-q", package]))
-                .with_context(|| format!("fix: apt-get install {package}"))?;
+            let install = || sh(Command::new("apt-get").args(["install", "-y", "-q", package]));
+            if install().is_err() {
+                // Package lists may be stale on a fresh machine.
+                step("apt-get update, then installing again");
+                sh(Command::new("apt-get").args(["update", "-q"]))?;
+                install().with_context(|| format!("fix: apt-get install {package}"))?;
+            }
         }
     }
 

@@ -1,0 +1,86 @@
+"""The agent never becomes the problem: it detaches when it stops however it stops, survives
+being frozen, and says clearly what it lacks when it lacks privileges."""
+
+import signal
+import subprocess
+import time
+
+from conftest import OBSERVER, Agent, free_port, wait_for
+
+FLAGS = ("--refresh", "250ms")
+
+
+def attached_programs():
+    """Names of the observer programs loaded in the kernel."""
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True, check=True)
+    return [line.split("name ")[1].split()[0] for line in out.stdout.splitlines() if "name observer_" in line]
+
+
+def test_sigterm_detaches_and_logs_a_last_line(tmp_path):
+    before = len(attached_programs())
+    agent = Agent(FLAGS, tmp_path / "agent.log")
+    assert len(attached_programs()) > before
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=10) == 0
+    agent.stop()
+    assert "stopping; kernel programs detach" in agent.read_log()
+    wait_for("programs gone", lambda: len(attached_programs()) == before, timeout=10)
+
+
+def test_sigkill_leaves_no_program_attached(tmp_path):
+    before = len(attached_programs())
+    agent = Agent(FLAGS, tmp_path / "agent.log")
+    assert len(attached_programs()) > before
+    agent.proc.kill()
+    agent.proc.wait(timeout=10)
+    agent.stop()
+    # Links belong to the process: the kernel detaches them when it dies.
+    wait_for("programs gone", lambda: len(attached_programs()) == before, timeout=10)
+
+
+def test_a_frozen_agent_loses_no_connection(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    kept, closed, opened = 8995, 8996, 8997
+    for port in (kept, closed, opened):
+        netns.python_peer("server", port)
+    netns.python_peer("client", f"ws://127.0.0.1:{kept}/", "chatty")
+    leaving = netns.python_peer("client", f"ws://127.0.0.1:{closed}/", "chatty")
+    wait_for("both connections", lambda: len(agent.connections(kept)) == len(agent.connections(closed)) == 2, 5)
+    cookies = {c["cookie"] for c in agent.connections(kept)}
+
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        leaving.kill()
+        netns.python_peer("client", f"ws://127.0.0.1:{opened}/", "chatty")
+        time.sleep(5)  # The fault itself: five seconds without the agent running.
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+
+    wait_for("the closed one gone", lambda: agent.connections(closed) == [], timeout=3)
+    wait_for("the new one found", lambda: len(agent.connections(opened)) == 2, timeout=3)
+    assert {c["cookie"] for c in agent.connections(kept)} == cookies
+    assert all(c["state"] == "active" for c in agent.connections(kept))
+
+
+def test_only_the_documented_capabilities_are_needed(netns, tmp_path):
+    # Root, but with every capability gone but the four the README names.
+    only = ["setpriv", "--bounding-set", "-all,+bpf,+perfmon,+net_admin,+sys_admin",
+            "--inh-caps", "-all", "--"]
+    agent = Agent(FLAGS, tmp_path / "agent.log", prefix=only)
+    try:
+        netns.python_peer("server", 8998)
+        netns.python_peer("client", "ws://127.0.0.1:8998/", "chatty")
+        wait_for("a WebSocket reported", lambda: len(agent.connections(8998)) == 2, 5)
+    finally:
+        agent.stop()
+
+
+def test_without_privileges_the_error_names_what_is_missing():
+    port = free_port()
+    argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+            "--inh-caps", "-all", "--bounding-set", "-all", "--", OBSERVER,
+            "--metrics-addr", f"127.0.0.1:{port}"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result
+    message = result.stderr.strip().splitlines()[-1]
+    assert "CAP_BPF" in message and "run as root" in message, message
