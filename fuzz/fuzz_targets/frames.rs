@@ -5,22 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer_common::frame::{Cursor, Frame, Phase, Source, Step, StreamState};
-
-struct Slice<'a>(&'a [u8]);
-
-impl Source for Slice<'_> {
-    fn read(&self, at: u32, dst: &mut [u8]) -> bool {
-        let at = at as usize;
-        match self.0.get(at..at + dst.len()) {
-            Some(bytes) => {
-                dst.copy_from_slice(bytes);
-                true
-            }
-            None => false,
-        }
-    }
-}
+use observer_common::frame::{Cursor, Frame, Phase, Step, StreamState};
 
 fn run(mut state: StreamState, stream: &[u8], cuts: &[usize]) -> (Vec<Frame>, StreamState) {
     let mut frames = Vec::new();
@@ -35,7 +20,7 @@ fn run(mut state: StreamState, stream: &[u8], cuts: &[usize]) -> (Vec<Frame>, St
         // Every step consumes a byte or reports a frame: far more steps than bytes is a loop.
         let mut done = false;
         for _ in 0..=segment.len() * 3 + 3 {
-            match state.step(&Slice(segment), &mut cursor, 1) {
+            match state.step(segment, &mut cursor, 1) {
                 Step::More => {}
                 Step::Done => {
                     done = true;

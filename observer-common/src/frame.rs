@@ -130,6 +130,20 @@ pub trait Source {
     fn read(&self, at: u32, dst: &mut [u8]) -> bool;
 }
 
+/// Bytes already in memory: what the agent's tests and the fuzz target track.
+impl Source for [u8] {
+    fn read(&self, at: u32, dst: &mut [u8]) -> bool {
+        let at = at as usize;
+        match self.get(at..at.saturating_add(dst.len())) {
+            Some(bytes) => {
+                dst.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Where the tracker is inside the current segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -375,7 +389,7 @@ impl StreamState {
     /// Moves the tracker forward over bytes of `src` from `cursor.pos` to `cursor.end`.
     /// One call does a bounded amount of work; call it until it returns [`Step::Done`].
     #[inline(always)]
-    pub fn step<S: Source>(&mut self, src: &S, cursor: &mut Cursor, now_ns: u64) -> Step {
+    pub fn step<S: Source + ?Sized>(&mut self, src: &S, cursor: &mut Cursor, now_ns: u64) -> Step {
         if cursor.pos >= cursor.end {
             return Step::Done;
         }
@@ -404,7 +418,7 @@ impl StreamState {
     /// Looks for the blank line ending the HTTP header block, one byte per step: each step has
     /// few branches, which keeps the verifier's view of the loop small.
     #[inline(always)]
-    fn scan_headers<S: Source>(&mut self, src: &S, cursor: &mut Cursor) -> Step {
+    fn scan_headers<S: Source + ?Sized>(&mut self, src: &S, cursor: &mut Cursor) -> Step {
         let mut byte = [0u8; 1];
         if !src.read(cursor.pos, &mut byte) {
             self.lose();
@@ -428,7 +442,7 @@ impl StreamState {
 
     /// Reads the two status-code bytes at the start of a close frame's payload, one per step.
     #[inline(always)]
-    fn capture_close_code<S: Source>(&mut self, src: &S, cursor: &mut Cursor) -> Step {
+    fn capture_close_code<S: Source + ?Sized>(&mut self, src: &S, cursor: &mut Cursor) -> Step {
         let mut byte = [0u8; 1];
         if !src.read(cursor.pos, &mut byte) {
             self.lose();
@@ -459,7 +473,12 @@ impl StreamState {
 
     /// Gathers and parses one frame header.
     #[inline(always)]
-    fn read_header<S: Source>(&mut self, src: &S, cursor: &mut Cursor, now_ns: u64) -> Step {
+    fn read_header<S: Source + ?Sized>(
+        &mut self,
+        src: &S,
+        cursor: &mut Cursor,
+        now_ns: u64,
+    ) -> Step {
         let mut h = [0u8; MAX_HEADER];
         let have;
         // Whether the header's bytes still lie ahead of the cursor.
@@ -632,21 +651,6 @@ mod tests {
 
     use super::*;
 
-    struct Slice<'a>(&'a [u8]);
-
-    impl Source for Slice<'_> {
-        fn read(&self, at: u32, dst: &mut [u8]) -> bool {
-            let at = at as usize;
-            match self.0.get(at..at + dst.len()) {
-                Some(bytes) => {
-                    dst.copy_from_slice(bytes);
-                    true
-                }
-                None => false,
-            }
-        }
-    }
-
     /// Encodes one frame; `mask` masks the payload as a client does.
     fn frame(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
         let mut out = vec![(if fin { 0x80 } else { 0 }) | op];
@@ -688,7 +692,7 @@ mod tests {
             loop {
                 steps += 1;
                 assert!(steps < 100_000, "no progress");
-                match state.step(&Slice(segment), &mut cursor, 7) {
+                match state.step(segment, &mut cursor, 7) {
                     Step::More => {}
                     Step::Done => break,
                     Step::Frame(f) => frames.push(f),
@@ -862,7 +866,7 @@ mod tests {
             let run = |s: &mut StreamState, out: &mut Vec<Frame>| {
                 let mut cursor = Cursor { pos: skip, end: bytes.len() as u32 };
                 loop {
-                    match s.step(&Slice(bytes), &mut cursor, 1) {
+                    match s.step(bytes, &mut cursor, 1) {
                         Step::More => {}
                         Step::Done => break,
                         Step::Frame(f) => out.push(f),
@@ -972,5 +976,20 @@ mod tests {
         let frames = drive(&mut s, &[(0, &stream[..3]), (6, &stream[6..]), (3, &stream[3..6])]);
         assert_eq!(summary(&frames), [(opcode::TEXT, true, 4, 0)]);
         assert_eq!((s.lost, s.phase()), (1, Phase::Lost));
+    }
+
+    #[test]
+    fn resuming_in_the_middle_of_a_message_is_not_a_violation() {
+        let first = frame(false, opcode::TEXT, &[7; 3_000_000], None);
+        let rest = [
+            frame(true, opcode::CONTINUATION, b"end", None),
+            frame(true, opcode::TEXT, b"x", None),
+        ]
+        .concat();
+        let mut s = frames_state();
+        // The rest of the first fragment is never seen; tracking resumes at its continuation.
+        let frames = drive(&mut s, &[(0, &first[..10]), (first.len() as u32, &rest)]);
+        assert_eq!(frames.len(), 3);
+        assert_eq!((s.phase(), s.violations), (Phase::Frames, 0));
     }
 }
