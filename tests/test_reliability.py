@@ -1,6 +1,7 @@
 """The agent never becomes the problem: it detaches when it stops however it stops, survives
 being frozen, and says clearly what it lacks when it lacks privileges."""
 
+import json
 import signal
 import subprocess
 import time
@@ -10,32 +11,41 @@ from conftest import OBSERVER, Agent, free_port, wait_for
 FLAGS = ("--refresh", "250ms")
 
 
-def attached_programs():
-    """Names of the observer programs loaded in the kernel."""
-    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True, check=True)
-    return [line.split("name ")[1].split()[0] for line in out.stdout.splitlines() if "name observer_" in line]
+def observer_programs():
+    """IDs of the observer programs loaded in the kernel, by any agent.
+
+    IDs, not a count: the kernel frees a program some time after its last reference goes, so a
+    previous test's agent may still show up here while this test runs."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    return {p["id"] for p in json.loads(out.stdout) if p.get("name", "").startswith("observer_")}
+
+
+def wait_until_unloaded(programs):
+    wait_for("programs gone", lambda: not programs & observer_programs(), timeout=10)
 
 
 def test_sigterm_detaches_and_logs_a_last_line(tmp_path):
-    before = len(attached_programs())
+    before = observer_programs()
     agent = Agent(FLAGS, tmp_path / "agent.log")
-    assert len(attached_programs()) > before
+    ours = observer_programs() - before
+    assert ours
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=10) == 0
     agent.stop()
     assert "stopping; kernel programs detach" in agent.read_log()
-    wait_for("programs gone", lambda: len(attached_programs()) == before, timeout=10)
+    wait_until_unloaded(ours)
 
 
 def test_sigkill_leaves_no_program_attached(tmp_path):
-    before = len(attached_programs())
+    before = observer_programs()
     agent = Agent(FLAGS, tmp_path / "agent.log")
-    assert len(attached_programs()) > before
+    ours = observer_programs() - before
+    assert ours
     agent.proc.kill()
     agent.proc.wait(timeout=10)
     agent.stop()
     # Links belong to the process: the kernel detaches them when it dies.
-    wait_for("programs gone", lambda: len(attached_programs()) == before, timeout=10)
+    wait_until_unloaded(ours)
 
 
 def test_a_frozen_agent_loses_no_connection(netns, agent_factory):
