@@ -5,6 +5,7 @@
 //! the HTTP handlers serve.
 
 use std::{
+    collections::HashSet,
     path::Path,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -24,6 +25,7 @@ use crate::{
     api::{self, Shared, Snapshot},
     cli::RunConfig,
     conntrack::{KernelAction, Tracker},
+    evict::{self, Evictor},
     k8s,
     kernel::{Kernel, KernelConfig},
     metrics, sockdiag,
@@ -62,6 +64,8 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let mut kernel = Kernel::load(&KernelConfig {
         watched_ports: config.ports.clone(),
         max_connections: config.max_connections,
+        max_websockets: config.max_websockets,
+        event_buffer: config.event_buffer,
         cgroup: config.cgroup.clone(),
     })?;
     let events = kernel.events.take().context("ring buffer already taken")?;
@@ -76,8 +80,9 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
+    let mut evictor = Evictor::new(config.max_connections, config.max_websockets);
     let mut pods = k8s::Resolver::new("/proc", &config.pod_log_dir);
-    adopt_existing(&mut kernel, &mut tracker, &config.ports);
+    adopt_existing(&mut kernel, &mut tracker, &mut evictor, &config.ports);
     let mut lost_when_adopted = kernel.stat(stat::EVENTS_LOST);
     let mut tick = tokio::time::interval(config.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -96,10 +101,10 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
                 if lost > lost_when_adopted {
                     // Opens or closes may be among the lost events: read the kernel's table again.
                     warn!(lost = lost - lost_when_adopted, "kernel events lost; adopting from the socket table");
-                    adopt_existing(&mut kernel, &mut tracker, &config.ports);
+                    adopt_existing(&mut kernel, &mut tracker, &mut evictor, &config.ports);
                     lost_when_adopted = lost;
                 }
-                refresh(&mut tracker, &mut kernel, &shared, &mut pods, config.pod_labels);
+                refresh(&mut tracker, &mut kernel, &mut evictor, &shared, &mut pods, config.pod_labels);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
@@ -174,8 +179,14 @@ fn apply(kernel: &mut Kernel, action: KernelAction) {
 }
 
 /// Writes the connections open in the kernel's socket table that the kernel programs do not
-/// track yet into their maps, and into the table.
-fn adopt_existing(kernel: &mut Kernel, tracker: &mut Tracker, ports: &[u16]) {
+/// track yet into their maps, and into the table; then reads the table again and removes the
+/// adopted entries of sockets that closed in between, which no kernel program would remove.
+fn adopt_existing(
+    kernel: &mut Kernel,
+    tracker: &mut Tracker,
+    evictor: &mut Evictor,
+    ports: &[u16],
+) {
     let scan = match sockdiag::scan_all_namespaces() {
         Ok(scan) => scan,
         Err(error) => {
@@ -183,39 +194,103 @@ fn adopt_existing(kernel: &mut Kernel, tracker: &mut Tracker, ports: &[u16]) {
             return;
         }
     };
-    let new: Vec<_> =
-        scan.sockets.into_iter().filter(|s| kernel.conns.get(&s.cookie, 0).is_err()).collect();
+    let alive: HashSet<u64> = scan.sockets.iter().map(|s| s.cookie).collect();
+    evictor.retain_alive(|cookie| alive.contains(&cookie));
+    let new: Vec<_> = scan
+        .sockets
+        .into_iter()
+        .filter(|s| !evictor.was_evicted(s.cookie) && kernel.conns.get(&s.cookie, 0).is_err())
+        .collect();
     let inodes: Vec<u64> = new.iter().map(|s| s.inode).collect();
     let owners = adopt::owners(Path::new("/proc"), &inodes);
     let range = adopt::ephemeral_range();
     let now = crate::clock::monotonic_ns();
-    let mut adopted = 0;
+    let (mut adopted, mut full) = (0, 0);
     for socket in &new {
         let owner = owners.get(&socket.inode).copied();
         let a = adopt::adoption(socket, ports, range, owner, now);
         // Never over an entry the kernel programs made in the meantime.
-        if kernel.conns.insert(a.cookie, a.state, BPF_NOEXIST).is_err() {
-            continue;
+        match kernel.conns.insert(a.cookie, a.state, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                full += 1;
+                continue;
+            }
+            Err(_) => continue,
         }
         let _ = kernel.frames.insert(a.cookie, a.frames, BPF_NOEXIST);
         tracker.adopt(a.cookie, a.state, a.frames);
         adopted += 1;
     }
+    let stale = if adopted > 0 { remove_stale_adoptions(kernel, now) } else { 0 };
     info!(
         adopted,
+        stale,
+        not_adopted_map_full = full,
         namespaces = scan.namespaces,
         skipped = scan.skipped.len(),
         "adopted connections already open"
     );
 }
 
+/// Removes the adopted entries, made before `adopted_ns`, of sockets no longer in the kernel's
+/// socket table: they closed before their entry was written, so no state change will remove it.
+/// Returns how many; none when a namespace could not be read.
+fn remove_stale_adoptions(kernel: &mut Kernel, adopted_ns: u64) -> usize {
+    let scan = match sockdiag::scan_all_namespaces() {
+        Ok(scan) if scan.skipped.is_empty() => scan,
+        _ => return 0,
+    };
+    let alive: HashSet<u64> = scan.sockets.iter().map(|s| s.cookie).collect();
+    let stale: Vec<u64> = kernel
+        .conns
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(cookie, state)| {
+            state.flags & observer_common::flags::ADOPTED != 0
+                && state.established_ns <= adopted_ns
+                && !alive.contains(cookie)
+        })
+        .map(|(cookie, _)| cookie)
+        .collect();
+    for cookie in &stale {
+        let _ = kernel.frames.remove(cookie);
+        let _ = kernel.conns.remove(cookie);
+    }
+    stale.len()
+}
+
 /// `BPF_NOEXIST`: insert only if absent.
 const BPF_NOEXIST: u64 = 1;
+
+/// Removes what `plan` evicts from the kernel maps and the table.
+fn evict(kernel: &mut Kernel, tracker: &mut Tracker, plan: &evict::Plan) {
+    for &cookie in &plan.conns {
+        // Frames first: an entry there without one in CONNS would never be removed.
+        let _ = kernel.frames.remove(&cookie);
+        let _ = kernel.stop_forwarding.remove(&cookie);
+        let _ = kernel.conns.remove(&cookie);
+        tracker.forget(cookie);
+    }
+    for cookie in &plan.frames {
+        let _ = kernel.frames.remove(cookie);
+    }
+    if !plan.conns.is_empty() || !plan.frames.is_empty() {
+        warn!(
+            conns = plan.conns.len(),
+            frames = plan.frames.len(),
+            "kernel maps nearly full: evicted the longest idle entries"
+        );
+    }
+}
 
 /// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
 fn refresh(
     tracker: &mut Tracker,
     kernel: &mut Kernel,
+    evictor: &mut Evictor,
     shared: &Shared,
     pods: &mut k8s::Resolver,
     pod_labels: bool,
@@ -223,7 +298,9 @@ fn refresh(
     let started = Instant::now();
     let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
     let frames = &kernel.frames;
-    tracker.sync(entries, |cookie| frames.get(&cookie, 0).ok());
+    tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie, 0).ok());
+    let plan = evictor.plan(&entries, |cookie| tracker.reported(cookie));
+    evict(kernel, tracker, &plan);
     let mut connections = tracker.refresh(crate::clock::monotonic_ns());
     pods.annotate(&mut connections, Instant::now());
     let stats = kernel.stats();
@@ -232,7 +309,18 @@ fn refresh(
         connections: &connections,
         aggregates: tracker.aggregates(),
         events_lost: stats[stat::EVENTS_LOST as usize],
-        untracked_map_full: stats[stat::CONNS_FULL as usize],
+        maps: &[
+            metrics::MapInputs {
+                name: evict::Map::Conns.label(),
+                usage: evictor.usage(evict::Map::Conns),
+                insert_failures: stats[stat::CONNS_FULL as usize],
+            },
+            metrics::MapInputs {
+                name: evict::Map::Frames.label(),
+                usage: evictor.usage(evict::Map::Frames),
+                insert_failures: stats[stat::FRAMES_FULL as usize],
+            },
+        ],
         last_refresh_unix_seconds: now_unix,
         hooks: &kernel.hooks,
         pod_labels,

@@ -54,9 +54,22 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_REFRESH", default_value = "1s", value_parser = duration)]
     pub refresh: Duration,
 
-    /// Most connection ends tracked in the kernel at once (about 200 bytes each).
+    /// Most TCP connection ends tracked in the kernel at once, WebSocket or not: 376 bytes
+    /// each, allocated at start (23.5 MiB by default). Past nine tenths full, the longest idle
+    /// non-WebSocket ends are evicted first (counted in observer_map_evictions_total).
     #[arg(long, env = "OBSERVER_MAX_CONNECTIONS", default_value_t = observer_common::DEFAULT_MAX_CONNS)]
     pub max_connections: u32,
+
+    /// Most connections whose WebSocket frames are tracked at once (those whose request opens
+    /// with `GET`, and those found already open): 392 bytes each, allocated at start.
+    #[arg(long, env = "OBSERVER_MAX_WEBSOCKETS", default_value_t = observer_common::DEFAULT_MAX_CONNS)]
+    pub max_websockets: u32,
+
+    /// Size of the ring that carries events from the kernel to the agent, like 256KiB or 4MiB: a
+    /// power of two, at least 4KiB. Events that find it full are counted in
+    /// observer_events_lost_total and the agent reads the kernel's socket table again.
+    #[arg(long, env = "OBSERVER_EVENT_BUFFER", default_value = "1MiB", value_parser = byte_size)]
+    pub event_buffer: u32,
 
     /// cgroup v2 directory to attach to [default: the root of the cgroup v2 hierarchy, which
     /// covers every process of the host].
@@ -93,6 +106,8 @@ pub struct RunConfig {
     pub pong_timeout: Duration,
     pub refresh: Duration,
     pub max_connections: u32,
+    pub max_websockets: u32,
+    pub event_buffer: u32,
     pub cgroup: Option<PathBuf>,
     pub pod_labels: bool,
     pub pod_log_dir: PathBuf,
@@ -124,6 +139,15 @@ impl RunArgs {
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
+        if self.max_websockets == 0 {
+            return Err("--max-websockets must be at least 1".into());
+        }
+        if !self.event_buffer.is_power_of_two() || self.event_buffer < 4096 {
+            return Err(format!(
+                "--event-buffer {} bytes: the size must be a power of two of at least 4KiB",
+                self.event_buffer
+            ));
+        }
         Ok(RunConfig {
             ports,
             metrics_addr: self.metrics_addr,
@@ -131,6 +155,8 @@ impl RunArgs {
             pong_timeout: self.pong_timeout,
             refresh: self.refresh,
             max_connections: self.max_connections,
+            max_websockets: self.max_websockets,
+            event_buffer: self.event_buffer,
             cgroup: self.cgroup,
             pod_labels: self.pod_labels,
             pod_log_dir: self.pod_log_dir,
@@ -144,6 +170,27 @@ pub fn duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (expected a duration such as 500ms, 10s or 2m)"))
 }
 
+/// Parses `65536`, `64KiB`, `4MiB`.
+pub fn byte_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => {
+            return Err(format!("unknown unit {other:?} (expected a size such as 64KiB or 4MiB)"));
+        }
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 64KiB"))?;
+    value
+        .checked_mul(scale)
+        .and_then(|bytes| u32::try_from(bytes).ok())
+        .ok_or_else(|| format!("{text} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +202,25 @@ mod tests {
         assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
         assert!(duration("10").is_err());
         assert!(duration("fast").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_and_the_event_buffer_is_checked() {
+        assert_eq!(byte_size("4096"), Ok(4096));
+        assert_eq!(byte_size("64KiB"), Ok(65536));
+        assert_eq!(byte_size("4MiB"), Ok(4 << 20));
+        assert!(byte_size("4 parsecs").is_err());
+        assert!(byte_size("KiB").is_err());
+        assert!(byte_size("8GiB").is_err());
+        let config = |flag: &str| {
+            Cli::try_parse_from(["observer", "--event-buffer", flag]).unwrap().run.validate()
+        };
+        assert_eq!(config("64KiB").unwrap().event_buffer, 65536);
+        assert!(config("100000").unwrap_err().contains("power of two"));
+        assert!(config("2KiB").unwrap_err().contains("at least 4KiB"));
+        let defaults = Cli::try_parse_from(["observer"]).unwrap().run.validate().unwrap();
+        assert_eq!(defaults.event_buffer, 1 << 20);
+        assert_eq!(defaults.max_websockets, observer_common::DEFAULT_MAX_CONNS);
     }
 
     #[test]

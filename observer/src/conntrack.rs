@@ -375,6 +375,16 @@ impl Tracker {
         }
     }
 
+    /// Whether the connection is reported: WebSocket, or on a watched port.
+    pub fn reported(&self, cookie: u64) -> bool {
+        self.conns.get(&cookie).is_some_and(Conn::reported)
+    }
+
+    /// Drops a connection evicted from the kernel maps. It did not end: nothing is counted.
+    pub fn forget(&mut self, cookie: u64) {
+        self.conns.remove(&cookie);
+    }
+
     /// Brings the table in line with the kernel's entries: refreshes counters, adopts watched
     /// connections whose open event was lost, and closes those whose close event was lost.
     /// `frames` fetches a WebSocket connection's frame tracking.

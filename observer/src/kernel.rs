@@ -45,17 +45,24 @@ pub enum KernelError {
     )]
     Load(#[source] Box<aya::EbpfError>),
     /// One program failed to load or attach.
-    #[error("cannot {action} program {program} ({attach_point}): {source}")]
+    #[error("cannot {action} program {program} ({attach_point}): {source}; {fix}")]
     Program {
         action: &'static str,
         program: &'static str,
         attach_point: String,
         source: Box<aya::programs::ProgramError>,
+        /// What to change on the host.
+        fix: &'static str,
     },
     /// A map the agent needs is missing from the object or has an unexpected type.
     #[error("kernel object has no usable map {name}: {source}")]
     Map { name: &'static str, source: Box<aya::maps::MapError> },
 }
+
+const TRACEPOINT_FIX: &str = "the kernel lacks this tracepoint or its BTF: observer needs Linux \
+     6.3 or later built with CONFIG_DEBUG_INFO_BTF=y";
+const CGROUP_FIX: &str = "attaching to a cgroup needs CAP_NET_ADMIN and CAP_BPF, and a cgroup v2 \
+     directory (name one with --cgroup)";
 
 /// What the agent asks of the kernel side.
 pub struct KernelConfig {
@@ -63,6 +70,10 @@ pub struct KernelConfig {
     pub watched_ports: Vec<u16>,
     /// Most connection ends tracked at once.
     pub max_connections: u32,
+    /// Most connections with frame tracking at once.
+    pub max_websockets: u32,
+    /// Size of the event ring buffer in bytes, a power of two.
+    pub event_buffer: u32,
     /// The cgroup v2 directory to attach to; the hierarchy's root when `None`.
     pub cgroup: Option<PathBuf>,
 }
@@ -96,7 +107,8 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CONNS", config.max_connections)
             .map_max_entries("STOP_FWD", config.max_connections)
-            .map_max_entries("FRAMES", config.max_connections)
+            .map_max_entries("FRAMES", config.max_websockets)
+            .map_max_entries("EVENTS", config.event_buffer)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
 
@@ -118,6 +130,7 @@ impl Kernel {
                 action,
                 program,
                 attach_point: format!("tp_btf/{tracepoint}"),
+                fix: TRACEPOINT_FIX,
                 source: Box::new(source),
             };
             let prog: &mut BtfTracePoint = program_mut(&mut ebpf, program)?;
@@ -153,6 +166,7 @@ impl Kernel {
                 action,
                 program,
                 attach_point: cgroup_point(kind),
+                fix: CGROUP_FIX,
                 source: Box::new(source),
             };
             let prog: &mut CgroupSkb = program_mut(&mut ebpf, program)?;
@@ -167,6 +181,7 @@ impl Kernel {
             action,
             program,
             attach_point: cgroup_point("sock_ops"),
+            fix: CGROUP_FIX,
             source: Box::new(source),
         };
         let prog: &mut SockOps = program_mut(&mut ebpf, program)?;
@@ -215,6 +230,7 @@ where
         action: "find",
         program: name,
         attach_point: "kernel object".into(),
+        fix: "the agent binary is damaged: rebuild it with `cargo xtask build`",
         source: Box::new(source),
     };
     let program =

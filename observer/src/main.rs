@@ -11,6 +11,7 @@ mod api;
 mod cli;
 mod clock;
 mod conntrack;
+mod evict;
 mod handshake;
 mod k8s;
 mod kernel;

@@ -163,12 +163,21 @@ pub struct Inputs<'a> {
     pub connections: &'a [ConnectionView],
     pub aggregates: &'a Aggregates,
     pub events_lost: u64,
-    pub untracked_map_full: u64,
+    /// Each kernel map the agent keeps below its limit: its fill and evictions, and the entries
+    /// the kernel programs could not insert because it was full.
+    pub maps: &'a [MapInputs],
     pub last_refresh_unix_seconds: f64,
     /// Optional kernel programs, and whether each is attached.
     pub hooks: &'a [(&'static str, bool)],
     /// Break the gauges of open connections down by `namespace` and `pod`.
     pub pod_labels: bool,
+}
+
+/// One kernel map in [`Inputs::maps`].
+pub struct MapInputs {
+    pub name: &'static str,
+    pub usage: crate::evict::Usage,
+    pub insert_failures: u64,
 }
 
 /// `(namespace, pod)` of a gauge series; `None` without `--pod-labels` or outside any pod.
@@ -364,13 +373,34 @@ pub fn render(inputs: &Inputs<'_>) -> String {
     );
     sample(o, "observer_events_lost_total", &[], inputs.events_lost);
 
+    family(o, "observer_map_capacity", "gauge", "Most entries a kernel map holds (set by flags).");
+    for map in inputs.maps {
+        sample(o, "observer_map_capacity", &[("map", &map.name)], u64::from(map.usage.capacity));
+    }
+    family(o, "observer_map_entries", "gauge", "Entries in a kernel map at the last refresh.");
+    for map in inputs.maps {
+        sample(o, "observer_map_entries", &[("map", &map.name)], map.usage.entries);
+    }
     family(
         o,
-        "observer_untracked_connections_total",
+        "observer_map_evictions_total",
         "counter",
-        "TCP connections not tracked because the connection map was full.",
+        "Entries the agent evicted from a nearly full kernel map: conns (the connection stops \
+         being watched) or frames (it loses frame counts only); longest idle non-WebSocket first.",
     );
-    sample(o, "observer_untracked_connections_total", &[], inputs.untracked_map_full);
+    for map in inputs.maps {
+        sample(o, "observer_map_evictions_total", &[("map", &map.name)], map.usage.evictions);
+    }
+    family(
+        o,
+        "observer_map_insert_failures_total",
+        "counter",
+        "Connections the kernel programs could not add to a full map: conns (not watched at \
+         all) or frames (no frame counts).",
+    );
+    for map in inputs.maps {
+        sample(o, "observer_map_insert_failures_total", &[("map", &map.name)], map.insert_failures);
+    }
 
     family(
         o,
@@ -501,7 +531,11 @@ mod tests {
             connections,
             aggregates: agg,
             events_lost: 4,
-            untracked_map_full: 0,
+            maps: &[MapInputs {
+                name: "conns",
+                usage: crate::evict::Usage { capacity: 1024, entries: 1000, evictions: 7 },
+                insert_failures: 2,
+            }],
             last_refresh_unix_seconds: 1_700_000_000.5,
             hooks: &[("observer_rst_in", true), ("observer_rst_out", false)],
             pod_labels: false,
@@ -552,6 +586,10 @@ mod tests {
                 "websocket_buffered_amount_bytes{port=\"8080\",role=\"server\"} 15",
                 "websocket_receive_queue_bytes{port=\"8080\",role=\"server\"} 700",
                 "observer_events_lost_total 4",
+                "observer_map_capacity{map=\"conns\"} 1024",
+                "observer_map_entries{map=\"conns\"} 1000",
+                "observer_map_evictions_total{map=\"conns\"} 7",
+                "observer_map_insert_failures_total{map=\"conns\"} 2",
                 "observer_hook_attached{program=\"observer_rst_out\"} 0",
                 "observer_last_refresh_timestamp_seconds 1700000000.500",
             ],
@@ -606,7 +644,7 @@ mod tests {
             connections: &connections,
             aggregates: &agg,
             events_lost: 0,
-            untracked_map_full: 0,
+            maps: &[],
             last_refresh_unix_seconds: 0.0,
             hooks: &[],
             pod_labels,
