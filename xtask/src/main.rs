@@ -243,7 +243,7 @@ fn test(root: &Path, pytest_args: &[OsString]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--exclude", "observer-ebpf"])
         .env("OBSERVER_EBPF_TOOLCHAIN", &toolchain))?;
 
-    fuzz(&toolchain, 20)?;
+    fuzz(&toolchain, 15)?;
 
     require_root("the privileged tests load kernel programs and create network namespaces")?;
     let binary = build(root)?;
@@ -297,20 +297,24 @@ fn prometheus_tools() -> anyhow::Result<()> {
     result.context("fix: apt-get update && apt-get install --no-install-recommends prometheus")
 }
 
-/// Runs the `frames` fuzz target (cargo-fuzz, libFuzzer) for `seconds`, installing cargo-fuzz
-/// when it is missing.
+/// Runs each fuzz target (cargo-fuzz, libFuzzer) for `seconds`, installing cargo-fuzz when it
+/// is missing: `frames`, the kernel's frame tracker, and `handshake`, the agent's upgrade
+/// recogniser.
 fn fuzz(toolchain: &str, seconds: u32) -> anyhow::Result<()> {
     if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
         step("installing cargo-fuzz");
         sh(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))
             .context("fix: cargo install --locked cargo-fuzz")?;
     }
-    step(&format!("fuzzing the frame tracker for {seconds} s"));
-    sh(Command::new("rustup")
-        .args(["run", toolchain, "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", "frames", "--"])
-        .arg(format!("-max_total_time={seconds}"))
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER"))
+    for target in ["frames", "handshake"] {
+        step(&format!("fuzzing {target} for {seconds} s"));
+        sh(Command::new("rustup")
+            .args(["run", toolchain, "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
+    }
+    Ok(())
 }
 
 /// Installs the test peers: a Python virtualenv with `tests/requirements.txt`, and the Node
