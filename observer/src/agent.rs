@@ -1,11 +1,13 @@
-//! `observer run`: the event loop that ties the kernel side, the table and the endpoint together.
+//! `observer run` and `observer audit`: the event loop that ties the kernel side, the table and
+//! what is made of it together.
 //!
-//! One task owns the kernel maps and the table. It drains the ring buffer whenever it is readable
-//! and, every refresh, reads every kernel entry, recomputes verdicts and publishes a snapshot that
-//! the HTTP handlers serve.
+//! One task owns the kernel maps and the table ([`Watch`]). It drains the ring buffer whenever it
+//! is readable and, every refresh, reads every kernel entry and recomputes verdicts. `run` then
+//! publishes a snapshot that the HTTP handlers serve; `audit` feeds the audit's aggregation.
 
 use std::{
     collections::HashSet,
+    io::{IsTerminal as _, Write},
     path::Path,
     sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -23,8 +25,8 @@ use tracing::{debug, info, warn};
 use crate::{
     adopt,
     api::{self, Shared, Snapshot},
-    cli::RunConfig,
-    conntrack::{KernelAction, Tracker},
+    cli::{AuditConfig, Format, RunConfig, WatchConfig},
+    conntrack::{ConnectionView, KernelAction, Tracker},
     evict::{self, Evictor},
     k8s,
     kernel::{Kernel, KernelConfig},
@@ -40,6 +42,9 @@ pub enum RunError {
     /// The metrics address could not be bound.
     #[error("cannot listen on --metrics-addr {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    /// The audit report's file could not be created.
+    #[error("cannot write --output {}: {source}", path.display())]
+    Output { path: std::path::PathBuf, source: std::io::Error },
     /// Anything else.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -50,8 +55,131 @@ impl RunError {
         match self {
             Self::Kernel(_) => 3,
             Self::Listen { .. } => 4,
+            Self::Output { .. } => 2,
             Self::Other(_) => 1,
         }
+    }
+}
+
+/// What `observer run` and `observer audit` share: the kernel programs, the table, and the loop
+/// that keeps the table in line with the kernel.
+struct Watch {
+    kernel: Kernel,
+    events: AsyncFd<RingBuf<aya::maps::MapData>>,
+    tracker: Tracker,
+    evictor: Evictor,
+    pods: k8s::Resolver,
+    ports: Vec<u16>,
+    refresh: std::time::Duration,
+    lost_when_adopted: u64,
+    /// When the current refresh began.
+    refresh_started: Instant,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The caller's own end came.
+    Done,
+}
+
+impl Watch {
+    /// Loads the kernel programs and adopts the connections already open.
+    fn start(config: &WatchConfig, keep_notes: bool) -> Result<Self, RunError> {
+        let mut kernel = Kernel::load(&KernelConfig {
+            watched_ports: config.ports.clone(),
+            max_connections: config.max_connections,
+            max_websockets: config.max_websockets,
+            event_buffer: config.event_buffer,
+            cgroup: config.cgroup.clone(),
+        })?;
+        let events = kernel.events.take().context("ring buffer already taken")?;
+        // SAFETY: the ring buffer owns its descriptor and lives inside the `AsyncFd` until the
+        // loop ends, so the descriptor stays open and unshared for as long as it is registered.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+        let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
+        if keep_notes {
+            tracker.keep_notes();
+        }
+        let mut watch = Self {
+            kernel,
+            events,
+            tracker,
+            evictor: Evictor::new(config.max_connections, config.max_websockets),
+            pods: k8s::Resolver::new("/proc", &config.pod_log_dir),
+            ports: config.ports.clone(),
+            refresh: config.refresh,
+            lost_when_adopted: 0,
+            refresh_started: Instant::now(),
+        };
+        adopt_existing(&mut watch.kernel, &mut watch.tracker, &mut watch.evictor, &watch.ports);
+        watch.lost_when_adopted = watch.kernel.stat(stat::EVENTS_LOST);
+        Ok(watch)
+    }
+
+    /// Drains events as they come and refreshes every `refresh`, handing each refresh's
+    /// connection ends to `on_refresh`, until SIGINT, SIGTERM, `until`, or an error from
+    /// `on_refresh`.
+    async fn run(
+        &mut self,
+        until: impl std::future::Future<Output = ()>,
+        mut on_refresh: impl FnMut(&mut Self, Vec<ConnectionView>) -> Result<(), RunError>,
+    ) -> Result<Stopped, RunError> {
+        let mut tick = tokio::time::interval(self.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                guard = self.events.readable_mut() => {
+                    let mut guard = guard.context("waiting on the ring buffer")?;
+                    drain(guard.get_inner_mut(), &mut self.tracker, &mut self.kernel);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    self.refresh_started = Instant::now();
+                    let connections = self.refresh();
+                    on_refresh(self, connections)?;
+                }
+                _ = tokio::signal::ctrl_c() => return Ok(Stopped::Signal),
+                _ = terminate.recv() => return Ok(Stopped::Signal),
+                () = &mut until => return Ok(Stopped::Done),
+            }
+        }
+    }
+
+    /// Reads every kernel entry and recomputes verdicts; re-adopts after lost events.
+    fn refresh(&mut self) -> Vec<ConnectionView> {
+        let lost = self.kernel.stat(stat::EVENTS_LOST);
+        if lost > self.lost_when_adopted {
+            // Opens or closes may be among the lost events: read the kernel's table again.
+            warn!(
+                lost = lost - self.lost_when_adopted,
+                "kernel events lost; adopting from the socket table"
+            );
+            adopt_existing(&mut self.kernel, &mut self.tracker, &mut self.evictor, &self.ports);
+            self.lost_when_adopted = lost;
+        }
+        let entries: Vec<_> = self.kernel.conns.iter().filter_map(Result::ok).collect();
+        let frames = &self.kernel.frames;
+        self.tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie, 0).ok());
+        let tracker = &self.tracker;
+        let plan = self.evictor.plan(&entries, |cookie| tracker.reported(cookie));
+        evict(&mut self.kernel, &mut self.tracker, &plan);
+        let mut connections = self.tracker.refresh(crate::clock::monotonic_ns());
+        self.pods.annotate(&mut connections, Instant::now());
+        connections
+    }
+
+    /// Handles the events already waiting, without waiting for more.
+    fn drain_now(&mut self) {
+        let ring = self.events.get_mut();
+        drain(ring, &mut self.tracker, &mut self.kernel);
     }
 }
 
@@ -60,61 +188,107 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let listener = TcpListener::bind(config.metrics_addr)
         .await
         .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
+    let mut watch = Watch::start(&config.watch, false)?;
 
-    let mut kernel = Kernel::load(&KernelConfig {
-        watched_ports: config.ports.clone(),
-        max_connections: config.max_connections,
-        max_websockets: config.max_websockets,
-        event_buffer: config.event_buffer,
-        cgroup: config.cgroup.clone(),
-    })?;
-    let events = kernel.events.take().context("ring buffer already taken")?;
-    // SAFETY: the ring buffer owns its descriptor and lives inside the `AsyncFd` until the loop
-    // ends, so the descriptor stays open and unshared for as long as it is registered.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-
-    let shared = Arc::new(Shared::new(config.refresh));
+    let shared = Arc::new(Shared::new(config.watch.refresh));
     let app = api::router(Arc::clone(&shared));
-    info!(addr = %config.metrics_addr, ports = ?config.ports, "serving /metrics, /connections, /healthz");
+    info!(addr = %config.metrics_addr, ports = ?config.watch.ports, "serving /metrics, /connections, /healthz");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let mut tracker = Tracker::new(config.thresholds, config.pong_timeout);
-    let mut evictor = Evictor::new(config.max_connections, config.max_websockets);
-    let mut pods = k8s::Resolver::new("/proc", &config.pod_log_dir);
-    adopt_existing(&mut kernel, &mut tracker, &mut evictor, &config.ports);
-    let mut lost_when_adopted = kernel.stat(stat::EVENTS_LOST);
-    let mut tick = tokio::time::interval(config.refresh);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-
-    loop {
-        tokio::select! {
-            guard = events.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut tracker, &mut kernel);
-                guard.clear_ready();
+    let pod_labels = config.pod_labels;
+    let never = std::future::pending::<()>();
+    watch
+        .run(never, |watch, connections| {
+            publish(watch, connections, &shared, pod_labels);
+            if server.is_finished() {
+                return Err(anyhow::anyhow!("the HTTP server stopped").into());
             }
-            _ = tick.tick() => {
-                let lost = kernel.stat(stat::EVENTS_LOST);
-                if lost > lost_when_adopted {
-                    // Opens or closes may be among the lost events: read the kernel's table again.
-                    warn!(lost = lost - lost_when_adopted, "kernel events lost; adopting from the socket table");
-                    adopt_existing(&mut kernel, &mut tracker, &mut evictor, &config.ports);
-                    lost_when_adopted = lost;
-                }
-                refresh(&mut tracker, &mut kernel, &mut evictor, &shared, &mut pods, config.pod_labels);
-            }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
-        }
-        if server.is_finished() {
-            return Err(anyhow::anyhow!("the HTTP server stopped").into());
-        }
-    }
-    info!(tracked = tracker.len(), "stopping; kernel programs detach with the process");
+            Ok(())
+        })
+        .await?;
+    info!(tracked = watch.tracker.len(), "stopping; kernel programs detach with the process");
     Ok(())
+}
+
+/// `observer audit`: watches for the configured time (or until SIGINT or SIGTERM), then writes
+/// the report.
+pub async fn audit(config: AuditConfig) -> Result<(), RunError> {
+    // Open the output first: a path that cannot be written is cheaper to report now than after
+    // the whole audit.
+    let mut output: Box<dyn Write> = match &config.output {
+        Some(path) => Box::new(
+            std::fs::File::create(path)
+                .map_err(|source| RunError::Output { path: path.clone(), source })?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let started = Instant::now();
+    let mut watch = Watch::start(&config.watch, true)?;
+    info!(
+        duration = %humantime::format_duration(config.duration),
+        ports = ?config.watch.ports,
+        "auditing WebSocket connections"
+    );
+
+    let mut audit = crate::audit::Audit::new(config.settings.clone());
+    let progress = std::io::stderr().is_terminal();
+    let deadline = tokio::time::sleep(config.duration);
+    let stopped = watch
+        .run(deadline, |watch, connections| {
+            audit.notes(watch.tracker.take_notes());
+            audit.refresh(&connections, crate::clock::monotonic_ns());
+            if progress {
+                show_progress(&audit, started.elapsed(), config.duration);
+            }
+            Ok(())
+        })
+        .await?;
+    // What happened since the last refresh belongs in the report too.
+    watch.drain_now();
+    let connections = watch.refresh();
+    audit.notes(watch.tracker.take_notes());
+    audit.refresh(&connections, crate::clock::monotonic_ns());
+    if progress {
+        let _ = writeln!(std::io::stderr());
+    }
+
+    let report = audit.report(started_at, started.elapsed(), stopped == Stopped::Signal);
+    let text = match config.format {
+        Format::Text => crate::audit::text(&report),
+        Format::Markdown => crate::audit::markdown(&report),
+        Format::Json => {
+            let mut json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+            json.push('\n');
+            json
+        }
+    };
+    output
+        .write_all(text.as_bytes())
+        .and_then(|()| output.flush())
+        .context("writing the report")?;
+    info!(
+        findings = report.findings.len(),
+        services = report.services.len(),
+        "audit written; kernel programs detach with the process"
+    );
+    Ok(())
+}
+
+/// One line on a terminal's stderr, rewritten in place.
+fn show_progress(
+    audit: &crate::audit::Audit,
+    elapsed: std::time::Duration,
+    total: std::time::Duration,
+) {
+    let _ = write!(
+        std::io::stderr(),
+        "\r\x1b[Kaudit {} of {}: {} connection ends, {} findings so far",
+        humantime::format_duration(std::time::Duration::from_secs(elapsed.as_secs())),
+        humantime::format_duration(total),
+        audit.connections_seen(),
+        audit.findings_so_far()
+    );
 }
 
 /// Handles every event waiting in the ring buffer.
@@ -286,38 +460,24 @@ fn evict(kernel: &mut Kernel, tracker: &mut Tracker, plan: &evict::Plan) {
     }
 }
 
-/// Reads every kernel entry, recomputes verdicts and publishes a snapshot.
-fn refresh(
-    tracker: &mut Tracker,
-    kernel: &mut Kernel,
-    evictor: &mut Evictor,
-    shared: &Shared,
-    pods: &mut k8s::Resolver,
-    pod_labels: bool,
-) {
-    let started = Instant::now();
-    let entries: Vec<_> = kernel.conns.iter().filter_map(Result::ok).collect();
-    let frames = &kernel.frames;
-    tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie, 0).ok());
-    let plan = evictor.plan(&entries, |cookie| tracker.reported(cookie));
-    evict(kernel, tracker, &plan);
-    let mut connections = tracker.refresh(crate::clock::monotonic_ns());
-    pods.annotate(&mut connections, Instant::now());
+/// Renders the metrics of one refresh and publishes them with its connection ends.
+fn publish(watch: &Watch, connections: Vec<ConnectionView>, shared: &Shared, pod_labels: bool) {
+    let kernel = &watch.kernel;
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let mut metrics = metrics::render(&metrics::Inputs {
         connections: &connections,
-        aggregates: tracker.aggregates(),
+        aggregates: watch.tracker.aggregates(),
         events_lost: stats[stat::EVENTS_LOST as usize],
         maps: &[
             metrics::MapInputs {
                 name: evict::Map::Conns.label(),
-                usage: evictor.usage(evict::Map::Conns),
+                usage: watch.evictor.usage(evict::Map::Conns),
                 insert_failures: stats[stat::CONNS_FULL as usize],
             },
             metrics::MapInputs {
                 name: evict::Map::Frames.label(),
-                usage: evictor.usage(evict::Map::Frames),
+                usage: watch.evictor.usage(evict::Map::Frames),
                 insert_failures: stats[stat::FRAMES_FULL as usize],
             },
         ],
@@ -326,6 +486,6 @@ fn refresh(
         pod_labels,
     });
     // What this refresh cost: reading the kernel map, verdicts and rendering.
-    metrics::append_refresh_duration(&mut metrics, started.elapsed().as_secs_f64());
+    metrics::append_refresh_duration(&mut metrics, watch.refresh_started.elapsed().as_secs_f64());
     shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
 }

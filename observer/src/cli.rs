@@ -24,18 +24,19 @@ pub enum Command {
     Run(RunArgs),
     /// Show the live connections of a running agent, worst verdicts first.
     List(ListArgs),
+    /// Watch for a while, then report each WebSocket service's heartbeat, silences and dead
+    /// connections, with findings and fixes.
+    Audit(AuditArgs),
 }
 
+/// Flags of every command that loads the kernel programs: what to watch and how verdicts are
+/// judged.
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub struct WatchArgs {
     /// Server port whose TCP connections are WebSocket connections (repeatable; comma-separated
     /// in the environment). Without it, connections are found by their HTTP upgrade.
     #[arg(long = "port", value_name = "PORT", env = "OBSERVER_PORTS", value_delimiter = ',')]
     pub ports: Vec<u16>,
-
-    /// Address for /metrics, /connections and /healthz.
-    #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
-    pub metrics_addr: SocketAddr,
 
     /// A connection with no application data either way for this long is idle (two missed 30 s
     /// heartbeats by default). Durations read like 500ms, 10s, 2m.
@@ -76,14 +77,80 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_CGROUP", value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
 
+    /// The kubelet's pod log directory, whose `<namespace>_<pod>_<uid>` entries name the pods.
+    #[arg(long, env = "OBSERVER_POD_LOG_DIR", value_name = "DIR", default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub watch: WatchArgs,
+
+    /// Address for /metrics, /connections and /healthz.
+    #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: SocketAddr,
+
     /// Label the gauges of open connections with the Kubernetes `namespace` and `pod` of their
     /// process: at most one series per port, role and pod [default: off].
     #[arg(long, env = "OBSERVER_POD_LABELS", value_parser = clap::builder::BoolishValueParser::new())]
     pub pod_labels: bool,
+}
 
-    /// The kubelet's pod log directory, whose `<namespace>_<pod>_<uid>` entries name the pods.
-    #[arg(long, env = "OBSERVER_POD_LOG_DIR", value_name = "DIR", default_value = "/var/log/pods")]
-    pub pod_log_dir: PathBuf,
+/// How the audit report is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Markdown,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub watch: WatchArgs,
+
+    /// How long to watch before writing the report; SIGINT or SIGTERM writes it early.
+    #[arg(long, env = "OBSERVER_AUDIT_DURATION", default_value = "5m", value_parser = duration)]
+    pub duration: Duration,
+
+    /// Report format.
+    #[arg(long, env = "OBSERVER_AUDIT_FORMAT", value_enum, default_value = "text")]
+    pub format: Format,
+
+    /// Write the report to this file instead of stdout.
+    #[arg(long, env = "OBSERVER_AUDIT_OUTPUT", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Read timeout of a proxy in front of the services (nginx's `proxy_read_timeout` is 60 s):
+    /// connections silent this long are cut.
+    #[arg(long, env = "OBSERVER_AUDIT_PROXY_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub proxy_timeout: Duration,
+
+    /// Idle timeouts of NATs and load balancers on the way (repeatable; comma-separated)
+    /// [default: 30s,60s,90s,350s].
+    #[arg(
+        long = "nat-timeout",
+        value_name = "DURATION",
+        env = "OBSERVER_AUDIT_NAT_TIMEOUTS",
+        value_delimiter = ',',
+        value_parser = duration,
+        default_values = ["30s", "60s", "90s", "350s"],
+        hide_default_value = true
+    )]
+    pub nat_timeouts: Vec<Duration>,
+
+    /// Pongs missing on this share of pings or more is a finding (0 to 1).
+    #[arg(long, env = "OBSERVER_AUDIT_PONG_MISS_RATIO", default_value_t = 0.01)]
+    pub pong_miss_ratio: f64,
+
+    /// A connection held this long in a verdict other than `active` or `idle` is reported dead.
+    #[arg(long, env = "OBSERVER_AUDIT_DEAD_AFTER", default_value = "30s", value_parser = duration)]
+    pub dead_after: Duration,
+
+    /// Show the request paths of the upgrades (without query strings) [default: off].
+    #[arg(long, env = "OBSERVER_AUDIT_SHOW_PATHS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub show_paths: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -97,11 +164,10 @@ pub struct ListArgs {
     pub addr: String,
 }
 
-/// Validated settings of `observer run`.
+/// Validated settings shared by `observer run` and `observer audit`.
 #[derive(Debug, Clone)]
-pub struct RunConfig {
+pub struct WatchConfig {
     pub ports: Vec<u16>,
-    pub metrics_addr: SocketAddr,
     pub thresholds: Thresholds,
     pub pong_timeout: Duration,
     pub refresh: Duration,
@@ -109,12 +175,29 @@ pub struct RunConfig {
     pub max_websockets: u32,
     pub event_buffer: u32,
     pub cgroup: Option<PathBuf>,
-    pub pod_labels: bool,
     pub pod_log_dir: PathBuf,
 }
 
-impl RunArgs {
-    pub fn validate(self) -> Result<RunConfig, String> {
+/// Validated settings of `observer run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub watch: WatchConfig,
+    pub metrics_addr: SocketAddr,
+    pub pod_labels: bool,
+}
+
+/// Validated settings of `observer audit`.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub watch: WatchConfig,
+    pub duration: Duration,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub settings: crate::audit::Settings,
+}
+
+impl WatchArgs {
+    pub fn validate(self) -> Result<WatchConfig, String> {
         let mut ports = self.ports;
         ports.sort_unstable();
         ports.dedup();
@@ -125,12 +208,6 @@ impl RunArgs {
             return Err(format!(
                 "at most {} ports can be given with --port",
                 observer_common::MAX_WATCHED_PORTS
-            ));
-        }
-        if ports.contains(&self.metrics_addr.port()) {
-            return Err(format!(
-                "--metrics-addr {} uses a watched port; serve metrics on another port",
-                self.metrics_addr
             ));
         }
         if self.refresh.is_zero() {
@@ -148,9 +225,8 @@ impl RunArgs {
                 self.event_buffer
             ));
         }
-        Ok(RunConfig {
+        Ok(WatchConfig {
             ports,
-            metrics_addr: self.metrics_addr,
             thresholds: Thresholds { idle_after: self.idle_after, stall_after: self.stall_after },
             pong_timeout: self.pong_timeout,
             refresh: self.refresh,
@@ -158,8 +234,62 @@ impl RunArgs {
             max_websockets: self.max_websockets,
             event_buffer: self.event_buffer,
             cgroup: self.cgroup,
-            pod_labels: self.pod_labels,
             pod_log_dir: self.pod_log_dir,
+        })
+    }
+}
+
+impl RunArgs {
+    pub fn validate(self) -> Result<RunConfig, String> {
+        let watch = self.watch.validate()?;
+        if watch.ports.contains(&self.metrics_addr.port()) {
+            return Err(format!(
+                "--metrics-addr {} uses a watched port; serve metrics on another port",
+                self.metrics_addr
+            ));
+        }
+        Ok(RunConfig { watch, metrics_addr: self.metrics_addr, pod_labels: self.pod_labels })
+    }
+}
+
+impl AuditArgs {
+    pub fn validate(self) -> Result<AuditConfig, String> {
+        let watch = self.watch.validate()?;
+        if self.duration.is_zero() {
+            return Err("--duration must be longer than zero".into());
+        }
+        if self.proxy_timeout.is_zero() {
+            return Err("--proxy-timeout must be longer than zero".into());
+        }
+        if self.nat_timeouts.iter().any(Duration::is_zero) {
+            return Err("--nat-timeout must be longer than zero".into());
+        }
+        if !(0.0..=1.0).contains(&self.pong_miss_ratio) {
+            return Err(format!(
+                "--pong-miss-ratio {} is not between 0 and 1 (0.01 is 1 %)",
+                self.pong_miss_ratio
+            ));
+        }
+        let mut nat: Vec<f64> = self.nat_timeouts.iter().map(Duration::as_secs_f64).collect();
+        nat.sort_by(f64::total_cmp);
+        nat.dedup();
+        let settings = crate::audit::Settings {
+            proxy_timeout_seconds: self.proxy_timeout.as_secs_f64(),
+            nat_timeouts_seconds: nat,
+            pong_miss_ratio: self.pong_miss_ratio,
+            dead_after_seconds: self.dead_after.as_secs_f64(),
+            idle_after_seconds: watch.thresholds.idle_after.as_secs_f64(),
+            stall_after_seconds: watch.thresholds.stall_after.as_secs_f64(),
+            pong_timeout_seconds: watch.pong_timeout.as_secs_f64(),
+            refresh_seconds: watch.refresh.as_secs_f64(),
+            show_paths: self.show_paths,
+        };
+        Ok(AuditConfig {
+            watch,
+            duration: self.duration,
+            format: self.format,
+            output: self.output,
+            settings,
         })
     }
 }
@@ -215,12 +345,12 @@ mod tests {
         let config = |flag: &str| {
             Cli::try_parse_from(["observer", "--event-buffer", flag]).unwrap().run.validate()
         };
-        assert_eq!(config("64KiB").unwrap().event_buffer, 65536);
+        assert_eq!(config("64KiB").unwrap().watch.event_buffer, 65536);
         assert!(config("100000").unwrap_err().contains("power of two"));
         assert!(config("2KiB").unwrap_err().contains("at least 4KiB"));
         let defaults = Cli::try_parse_from(["observer"]).unwrap().run.validate().unwrap();
-        assert_eq!(defaults.event_buffer, 1 << 20);
-        assert_eq!(defaults.max_websockets, observer_common::DEFAULT_MAX_CONNS);
+        assert_eq!(defaults.watch.event_buffer, 1 << 20);
+        assert_eq!(defaults.watch.max_websockets, observer_common::DEFAULT_MAX_CONNS);
     }
 
     #[test]
@@ -229,18 +359,18 @@ mod tests {
         assert!(cli.command.is_none());
         let config = cli.run.validate().unwrap();
         assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9464");
-        assert_eq!(config.thresholds.idle_after, Duration::from_secs(60));
-        assert_eq!(config.thresholds.stall_after, Duration::from_secs(10));
-        assert_eq!(config.refresh, Duration::from_secs(1));
-        assert_eq!(config.pong_timeout, Duration::from_secs(10));
+        assert_eq!(config.watch.thresholds.idle_after, Duration::from_secs(60));
+        assert_eq!(config.watch.thresholds.stall_after, Duration::from_secs(10));
+        assert_eq!(config.watch.refresh, Duration::from_secs(1));
+        assert_eq!(config.watch.pong_timeout, Duration::from_secs(10));
 
         let cli = Cli::try_parse_from(["observer", "run", "--port", "80", "--port", "81"]).unwrap();
         let Some(Command::Run(args)) = cli.command else { panic!("run expected") };
-        assert_eq!(args.ports, vec![80, 81]);
+        assert_eq!(args.watch.ports, vec![80, 81]);
 
         let cli =
             Cli::try_parse_from(["observer", "--port", "8080", "--idle-after", "2m"]).unwrap();
-        assert_eq!(cli.run.idle_after, Duration::from_secs(120));
+        assert_eq!(cli.run.watch.idle_after, Duration::from_secs(120));
         assert!(Cli::try_parse_from(["observer", "--refresh", "soon"]).is_err());
         assert!(Cli::try_parse_from(["observer", "--frobnicate"]).is_err());
     }
@@ -249,10 +379,10 @@ mod tests {
     fn pod_labels_are_off_by_default_and_read_from_the_environment() {
         let config = Cli::try_parse_from(["observer"]).unwrap().run.validate().unwrap();
         assert!(!config.pod_labels);
-        assert_eq!(config.pod_log_dir, PathBuf::from("/var/log/pods"));
+        assert_eq!(config.watch.pod_log_dir, PathBuf::from("/var/log/pods"));
         let cli = Cli::try_parse_from(["observer", "--pod-labels", "--pod-log-dir", "/x"]).unwrap();
         assert!(cli.run.pod_labels);
-        assert_eq!(cli.run.pod_log_dir, PathBuf::from("/x"));
+        assert_eq!(cli.run.watch.pod_log_dir, PathBuf::from("/x"));
         // The environment form, as the DaemonSet sets it: the flag's own definition, read from a
         // variable that no other test touches.
         let arg = <Cli as clap::CommandFactory>::command()
@@ -276,5 +406,63 @@ mod tests {
     fn metrics_port_may_not_be_watched() {
         let cli = Cli::try_parse_from(["observer", "--port", "9464"]).unwrap();
         assert!(cli.run.validate().unwrap_err().contains("watched port"));
+    }
+
+    fn audit(args: &[&str]) -> Result<AuditConfig, String> {
+        let mut argv = vec!["observer", "audit"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Some(Command::Audit(args)) = cli.command else { panic!("audit expected") };
+        args.validate()
+    }
+
+    #[test]
+    fn audit_defaults_and_flags() {
+        let config = audit(&[]).unwrap();
+        assert_eq!(config.duration, Duration::from_secs(300));
+        assert_eq!(config.format, Format::Text);
+        assert_eq!(config.settings.nat_timeouts_seconds, [30.0, 60.0, 90.0, 350.0]);
+        assert_eq!(config.settings.proxy_timeout_seconds, 60.0);
+        assert_eq!(config.settings.pong_miss_ratio, 0.01);
+        assert_eq!(config.settings.dead_after_seconds, 30.0);
+        assert!(!config.settings.show_paths);
+
+        let config = audit(&[
+            "--duration",
+            "3s",
+            "--format",
+            "json",
+            "--nat-timeout",
+            "90s,5s",
+            "--nat-timeout",
+            "5s",
+            "--proxy-timeout",
+            "2s",
+            "--stall-after",
+            "1s",
+            "--refresh",
+            "250ms",
+            "--port",
+            "7400",
+            "--show-paths",
+        ])
+        .unwrap();
+        assert_eq!(config.duration, Duration::from_secs(3));
+        assert_eq!(config.format, Format::Json);
+        assert_eq!(config.settings.nat_timeouts_seconds, [5.0, 90.0]);
+        assert_eq!(config.settings.proxy_timeout_seconds, 2.0);
+        assert_eq!(config.settings.stall_after_seconds, 1.0);
+        assert_eq!(config.watch.refresh, Duration::from_millis(250));
+        assert_eq!(config.watch.ports, [7400]);
+        assert!(config.settings.show_paths);
+    }
+
+    #[test]
+    fn audit_refuses_bad_thresholds_clearly() {
+        assert!(audit(&["--pong-miss-ratio", "3"]).unwrap_err().contains("between 0 and 1"));
+        assert!(audit(&["--duration", "0s"]).unwrap_err().contains("--duration"));
+        assert!(audit(&["--nat-timeout", "0s"]).unwrap_err().contains("--nat-timeout"));
+        assert!(audit(&["--format", "yaml"]).unwrap_err().contains("yaml"));
+        assert!(audit(&["--duration", "soon"]).unwrap_err().contains("expected a duration"));
     }
 }

@@ -35,6 +35,51 @@ pub enum KernelAction {
     Untrack(u64),
 }
 
+/// Which connection end a [`Note`] is about, as the kernel knew it when the note was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndId {
+    pub cookie: u64,
+    /// The server port.
+    pub port: u16,
+    pub role: &'static str,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+/// Something that happened to a reported connection end, for consumers that need each event
+/// rather than the aggregates (`observer audit`). Kept only when [`Tracker::keep_notes`] is on.
+/// Missed pongs are left to the consumer: the table follows only the oldest unanswered ping of
+/// each direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    pub id: EndId,
+    /// When it happened (`CLOCK_MONOTONIC` ns).
+    pub at_ns: u64,
+    pub what: NoteKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoteKind {
+    /// The upgrade was answered with 101 this long after its first byte (`None`: the start of
+    /// the request was not seen).
+    Handshake { seconds: Option<f64> },
+    /// The upgrade was refused, or the connection closed before an answer.
+    Reject,
+    /// A ping crossed the connection, egress (sent by this end) or ingress.
+    Ping { direction: Direction },
+    /// A pong crossed the connection; `latency_ns` when it answered a ping.
+    Pong { direction: Direction, latency_ns: Option<u64> },
+    /// The connection end closed.
+    Ended {
+        outcome: Outcome,
+        /// How TCP ended, as `websocket_connections_closed_total{reason}` names it.
+        reason: &'static str,
+        close_code: Option<u16>,
+        /// The last byte either way: written by the application or received from the peer.
+        last_activity_ns: u64,
+    },
+}
+
 /// One connection end as `/connections` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionView {
@@ -182,6 +227,17 @@ impl Conn {
         (server_port(&self.state), role_name(self.role()))
     }
 
+    fn id(&self, cookie: u64) -> EndId {
+        let s = &self.state;
+        EndId {
+            cookie,
+            port: server_port(s),
+            role: role_name(self.role()),
+            pid: (s.pid != 0).then_some(s.pid),
+            comm: comm(s),
+        }
+    }
+
     fn request_direction(&self) -> Direction {
         match self.role() {
             Role::Server => Direction::Ingress,
@@ -226,6 +282,8 @@ pub struct Tracker {
     pong_timeout_ns: u64,
     conns: HashMap<u64, Conn>,
     aggregates: Aggregates,
+    /// Events kept for [`Tracker::take_notes`]; `None` when nobody asked for them.
+    notes: Option<Vec<Note>>,
 }
 
 impl Tracker {
@@ -235,7 +293,18 @@ impl Tracker {
             pong_timeout_ns: pong_timeout.as_nanos() as u64,
             conns: HashMap::new(),
             aggregates: Aggregates::default(),
+            notes: None,
         }
+    }
+
+    /// Keeps a [`Note`] of each handshake, refusal, ping, pong and end from now on.
+    pub fn keep_notes(&mut self) {
+        self.notes.get_or_insert_with(Vec::new);
+    }
+
+    /// The notes kept since the last call.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        self.notes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// A connection on a watched port was established.
@@ -293,10 +362,12 @@ impl Tracker {
                 conn.handshake = None;
                 conn.upgrade = Some(upgrade);
                 conn.protocol = "websocket";
-                if conn.request_started_ns != 0 {
-                    let seconds = ts_ns.saturating_sub(conn.request_started_ns) as f64 / 1e9;
+                let seconds = (conn.request_started_ns != 0)
+                    .then(|| ts_ns.saturating_sub(conn.request_started_ns) as f64 / 1e9);
+                if let Some(seconds) = seconds {
                     self.aggregates.handshake(server_port(&conn.state), seconds);
                 }
+                note(&mut self.notes, conn.id(cookie), ts_ns, NoteKind::Handshake { seconds });
                 debug!(cookie, "WebSocket handshake seen");
                 count_accept(&mut self.aggregates, conn);
                 Some(KernelAction::StopForwarding(cookie))
@@ -305,6 +376,7 @@ impl Tracker {
                 debug!(cookie, reason, "not a WebSocket");
                 if handshake.upgrade_requested() {
                     self.aggregates.count(conn.series(), Outcome::Reject);
+                    note(&mut self.notes, conn.id(cookie), ts_ns, NoteKind::Reject);
                 }
                 conn.handshake = None;
                 if conn.watched() {
@@ -324,20 +396,30 @@ impl Tracker {
         };
         let direction = usize::from(event.direction != 0);
         let ts = event.header.ts_ns;
+        let way = if direction == 0 { Direction::Ingress } else { Direction::Egress };
         match event.opcode {
             opcode::PING => {
                 conn.pings += 1;
                 conn.outstanding[direction].get_or_insert(Ping { at_ns: ts, missed: false });
+                if conn.reported() {
+                    note(&mut self.notes, conn.id(cookie), ts, NoteKind::Ping { direction: way });
+                }
             }
             opcode::PONG => {
                 conn.pongs += 1;
                 // A pong answers a ping that travelled the other way.
+                let mut latency_ns = None;
                 if let Some(ping) = conn.outstanding[1 - direction].take() {
                     let latency = ts.saturating_sub(ping.at_ns);
                     conn.last_pong_latency_ns = Some(latency);
+                    latency_ns = Some(latency);
                     if conn.reported() {
                         self.aggregates.pong(conn.series(), latency as f64 / 1e9);
                     }
+                }
+                if conn.reported() {
+                    let what = NoteKind::Pong { direction: way, latency_ns };
+                    note(&mut self.notes, conn.id(cookie), ts, what);
                 }
             }
             opcode::CLOSE => {
@@ -371,7 +453,7 @@ impl Tracker {
             if frames != WsState::default() {
                 conn.frames = Some(frames);
             }
-            self.finish(conn);
+            self.finish(cookie, conn);
         }
     }
 
@@ -411,7 +493,7 @@ impl Tracker {
         let gone: Vec<u64> = self.conns.keys().filter(|c| !seen.contains(c)).copied().collect();
         for cookie in gone {
             if let Some(conn) = self.conns.remove(&cookie) {
-                self.finish(conn);
+                self.finish(cookie, conn);
             }
         }
     }
@@ -477,7 +559,7 @@ impl Tracker {
     }
 
     /// Accounts for a connection that ended.
-    fn finish(&mut self, mut conn: Conn) {
+    fn finish(&mut self, cookie: u64, mut conn: Conn) {
         if conn.websocket() {
             take_frame_counts(&mut self.aggregates, &mut conn);
         }
@@ -488,6 +570,13 @@ impl Tracker {
             let reason = close_reason(&conn.state);
             *self.aggregates.closed.entry((conn.series(), reason)).or_default() += 1;
             let s = &conn.state;
+            let what = NoteKind::Ended {
+                outcome,
+                reason,
+                close_code: conn.close_code,
+                last_activity_ns: s.last_write_ns.max(s.last_rx_ns).max(s.established_ns),
+            };
+            note(&mut self.notes, conn.id(cookie), s.state_changed_ns, what);
             info!(
                 local = %socket_addr(s.family, &s.local_addr, s.local_port),
                 remote = %socket_addr(s.family, &s.remote_addr, s.remote_port),
@@ -501,8 +590,22 @@ impl Tracker {
         } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
             // Closed while the upgrade waited for its answer.
             self.aggregates.count(conn.series(), Outcome::Reject);
+            note(&mut self.notes, conn.id(cookie), conn.state.state_changed_ns, NoteKind::Reject);
         }
     }
+}
+
+/// Keeps a note when notes are kept.
+fn note(notes: &mut Option<Vec<Note>>, id: EndId, at_ns: u64, what: NoteKind) {
+    if let Some(notes) = notes {
+        notes.push(Note { id, at_ns, what });
+    }
+}
+
+/// The `comm` the kernel stored, if any.
+fn comm(state: &ConnState) -> Option<String> {
+    let end = state.comm.iter().position(|&b| b == 0).unwrap_or(state.comm.len());
+    (end > 0).then(|| String::from_utf8_lossy(&state.comm[..end]).into_owned())
 }
 
 fn count_accept(aggregates: &mut Aggregates, conn: &mut Conn) {
@@ -580,10 +683,7 @@ pub fn sniff(first: &[u8]) -> &'static str {
 fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> ConnectionView {
     let s = &conn.state;
     let age = |then: u64| (then != 0).then(|| seconds(now_ns.saturating_sub(then)));
-    let comm = {
-        let end = s.comm.iter().position(|&b| b == 0).unwrap_or(s.comm.len());
-        (end > 0).then(|| String::from_utf8_lossy(&s.comm[..end]).into_owned())
-    };
+    let comm = comm(s);
     let last_frame =
         conn.frames.map_or(0, |ws| ws.dir[0].last_frame_ns.max(ws.dir[1].last_frame_ns));
     let upgrade = conn.upgrade.as_ref();
@@ -827,6 +927,39 @@ mod tests {
         let agg = t.aggregates();
         assert_eq!(agg.pong_missed[&(8080, "server")], 1);
         assert_eq!(agg.pong_latency[&(8080, "server")].count(), 1);
+    }
+
+    #[test]
+    fn notes_are_kept_only_when_asked_for() {
+        let mut t = tracker();
+        upgraded(&mut t, 3, server(8080, false));
+        t.frame(3, &control(Direction::Egress, opcode::PING, 10 * S, 0));
+        assert!(t.take_notes().is_empty(), "no notes unless asked");
+
+        t.keep_notes();
+        t.frame(3, &control(Direction::Ingress, opcode::PONG, 10 * S + 2_000_000, 0));
+        t.frame(3, &control(Direction::Ingress, opcode::PING, 20 * S, 0));
+        t.refresh(31 * S);
+        t.close(3, server(8080, false), WsState::default());
+        let notes = t.take_notes();
+        let kinds: Vec<_> = notes.iter().map(|n| (n.at_ns, n.what.clone())).collect();
+        assert_eq!(
+            kinds[..2],
+            [
+                (
+                    10 * S + 2_000_000,
+                    NoteKind::Pong { direction: Direction::Ingress, latency_ns: Some(2_000_000) }
+                ),
+                (20 * S, NoteKind::Ping { direction: Direction::Ingress }),
+            ]
+        );
+        assert_eq!(notes.len(), 3);
+        assert!(matches!(
+            notes[2].what,
+            NoteKind::Ended { outcome: Outcome::Abort, reason: "clean", close_code: None, .. }
+        ));
+        assert!(notes.iter().all(|n| (n.id.cookie, n.id.port, n.id.role) == (3, 8080, "server")));
+        assert!(t.take_notes().is_empty(), "taken once");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! observer: watches every WebSocket connection of a Linux host from the kernel and tells which
 //! ones are open but dead.
 //!
-//! Exit codes: 0 stopped by SIGINT/SIGTERM (or `list` succeeded), 1 runtime error, 2 bad flags,
+//! Exit codes: 0 stopped by SIGINT/SIGTERM (or `list` succeeded, or `audit` wrote its report),
+//! 1 runtime error, 2 bad flags (for `audit`, also an `--output` file that cannot be created),
 //! 3 kernel programs could not be loaded or attached (privileges, kernel features), 4 the metrics
 //! address could not be bound.
 
 mod adopt;
 mod agent;
 mod api;
+mod audit;
 mod cli;
 mod clock;
 mod conntrack;
@@ -55,6 +57,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Audit(args)) => {
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(message) => {
+                    say!("observer audit: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            return block_on(agent::audit(config), "observer audit");
+        }
         Some(Command::Run(args)) => args,
         None => cli.run,
     };
@@ -66,17 +78,25 @@ fn main() -> ExitCode {
         }
     };
 
+    block_on(agent::run(config), "observer")
+}
+
+/// Runs a command to its end on a single-threaded runtime and maps its error to an exit code.
+fn block_on(
+    command: impl std::future::Future<Output = Result<(), agent::RunError>>,
+    name: &str,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            say!("observer: cannot start the runtime: {error}");
+            say!("{name}: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config)) {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            say!("observer: {}", error_chain(&error));
+            say!("{name}: {}", error_chain(&error));
             ExitCode::from(error.exit_code())
         }
     }

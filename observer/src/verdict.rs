@@ -78,7 +78,7 @@ fn since(now_ns: u64, then_ns: u64) -> u64 {
 }
 
 /// A duration for people: `850 ms`, `12 s`, `3.5 min`, `2.0 h`.
-fn human_ns(ns: u64) -> String {
+pub fn human_ns(ns: u64) -> String {
     let s = ns as f64 / 1e9;
     if s < 1.0 {
         format!("{} ms", (s * 1000.0).round())
