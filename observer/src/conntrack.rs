@@ -3,6 +3,7 @@
 //! feeds.
 
 use std::{
+    collections::VecDeque,
     collections::{BTreeSet, HashMap, hash_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -18,7 +19,7 @@ use tracing::{debug, info};
 use crate::{
     adopt::frames_seen,
     handshake::{Handshake, Outcome as HandshakeOutcome, Upgrade},
-    metrics::{Aggregates, Outcome, SeriesKey, close_code_label, kernel_buckets},
+    metrics::{Aggregates, Outcome, PortLabels, SeriesKey, close_code_label, kernel_buckets},
     verdict::{Judgement, Thresholds, Verdict, close_reason, judge},
 };
 
@@ -88,6 +89,9 @@ pub struct ConnectionView {
     pub role: String,
     /// The server port: local for `server`, remote for `client`.
     pub port: u16,
+    /// The `port` label of its metrics: `port`, or [`metrics::OTHER_PORTS`] past the limit.
+    #[serde(skip)]
+    pub metric_port: u16,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub websocket: bool,
@@ -152,9 +156,15 @@ struct Ping {
     missed: bool,
 }
 
+/// Unanswered pings kept per direction; an older one pushed out by a newer one can no longer be
+/// answered in this accounting, so it counts as missed.
+const MAX_OUTSTANDING_PINGS: usize = 32;
+
 #[derive(Debug)]
 struct Conn {
     state: ConnState,
+    /// The `port` label of this end's metrics, fixed the first time it is counted.
+    label_port: Option<u16>,
     frames: Option<WsState>,
     baseline: Baseline,
     /// Present while the start of the stream is being examined.
@@ -173,7 +183,7 @@ struct Conn {
     pong_missed: u64,
     last_pong_latency_ns: Option<u64>,
     /// The oldest unanswered ping, by the direction the ping travelled.
-    outstanding: [Option<Ping>; 2],
+    outstanding: [VecDeque<Ping>; 2],
     /// Close frames seen, by direction.
     close_frames: [bool; 2],
     close_code: Option<u16>,
@@ -185,6 +195,7 @@ impl Conn {
     fn new(state: ConnState) -> Self {
         Self {
             state,
+            label_port: None,
             frames: None,
             baseline: Baseline::default(),
             handshake: None,
@@ -198,7 +209,7 @@ impl Conn {
             pongs: 0,
             pong_missed: 0,
             last_pong_latency_ns: None,
-            outstanding: [None; 2],
+            outstanding: [VecDeque::new(), VecDeque::new()],
             close_frames: [false; 2],
             close_code: None,
             adopted: false,
@@ -224,7 +235,15 @@ impl Conn {
     }
 
     fn series(&self) -> SeriesKey {
-        (server_port(&self.state), role_name(self.role()))
+        let port = self.label_port.unwrap_or_else(|| server_port(&self.state));
+        (port, role_name(self.role()))
+    }
+
+    /// Fixes the `port` label of this end's metrics, the first time it is counted.
+    fn admit(&mut self, ports: &mut PortLabels) {
+        if self.label_port.is_none() {
+            self.label_port = Some(ports.label(server_port(&self.state), self.watched()));
+        }
     }
 
     fn id(&self, cookie: u64) -> EndId {
@@ -364,8 +383,9 @@ impl Tracker {
                 conn.protocol = "websocket";
                 let seconds = (conn.request_started_ns != 0)
                     .then(|| ts_ns.saturating_sub(conn.request_started_ns) as f64 / 1e9);
+                conn.admit(&mut self.aggregates.ports);
                 if let Some(seconds) = seconds {
-                    self.aggregates.handshake(server_port(&conn.state), seconds);
+                    self.aggregates.handshake(conn.series().0, seconds);
                 }
                 note(&mut self.notes, conn.id(cookie), ts_ns, NoteKind::Handshake { seconds });
                 debug!(cookie, "WebSocket handshake seen");
@@ -375,6 +395,7 @@ impl Tracker {
             HandshakeOutcome::NotWebSocket(reason) => {
                 debug!(cookie, reason, "not a WebSocket");
                 if handshake.upgrade_requested() {
+                    conn.admit(&mut self.aggregates.ports);
                     self.aggregates.count(conn.series(), Outcome::Reject);
                     note(&mut self.notes, conn.id(cookie), ts_ns, NoteKind::Reject);
                 }
@@ -394,22 +415,39 @@ impl Tracker {
         let Some(conn) = self.conns.get_mut(&cookie) else {
             return;
         };
+        if conn.reported() {
+            conn.admit(&mut self.aggregates.ports);
+        }
         let direction = usize::from(event.direction != 0);
         let ts = event.header.ts_ns;
         let way = if direction == 0 { Direction::Ingress } else { Direction::Egress };
         match event.opcode {
             opcode::PING => {
                 conn.pings += 1;
-                conn.outstanding[direction].get_or_insert(Ping { at_ns: ts, missed: false });
+                let pending = &mut conn.outstanding[direction];
+                if pending.len() == MAX_OUTSTANDING_PINGS
+                    && let Some(dropped) = pending.pop_front()
+                    && !dropped.missed
+                {
+                    conn.pong_missed += 1;
+                    if conn.reported() {
+                        *self.aggregates.pong_missed.entry(conn.series()).or_default() += 1;
+                    }
+                }
+                conn.outstanding[direction].push_back(Ping { at_ns: ts, missed: false });
                 if conn.reported() {
                     note(&mut self.notes, conn.id(cookie), ts, NoteKind::Ping { direction: way });
                 }
             }
             opcode::PONG => {
                 conn.pongs += 1;
-                // A pong answers a ping that travelled the other way.
+                // A pong answers the latest ping that travelled the other way, and with it any
+                // earlier one still waiting (RFC 6455 lets a peer answer only the latest); those
+                // already overdue stay counted as missed.
                 let mut latency_ns = None;
-                if let Some(ping) = conn.outstanding[1 - direction].take() {
+                let answered = conn.outstanding[1 - direction].pop_back();
+                conn.outstanding[1 - direction].clear();
+                if let Some(ping) = answered {
                     let latency = ts.saturating_sub(ping.at_ns);
                     conn.last_pong_latency_ns = Some(latency);
                     latency_ns = Some(latency);
@@ -455,6 +493,11 @@ impl Tracker {
             }
             self.finish(cookie, conn);
         }
+    }
+
+    /// Gives the first `limit` server ports seen (watched ones aside) a `port` label of their own.
+    pub fn limit_port_labels(&mut self, limit: usize) {
+        self.aggregates.ports = PortLabels::new(limit);
     }
 
     /// Whether the connection is reported: WebSocket, or on a watched port.
@@ -506,6 +549,7 @@ impl Tracker {
             if !conn.reported() {
                 continue;
             }
+            conn.admit(&mut self.aggregates.ports);
             let series = conn.series();
             for ping in conn.outstanding.iter_mut().flatten() {
                 if !ping.missed && now_ns.saturating_sub(ping.at_ns) >= self.pong_timeout_ns {
@@ -560,6 +604,9 @@ impl Tracker {
 
     /// Accounts for a connection that ended.
     fn finish(&mut self, cookie: u64, mut conn: Conn) {
+        if conn.reported() {
+            conn.admit(&mut self.aggregates.ports);
+        }
         if conn.websocket() {
             take_frame_counts(&mut self.aggregates, &mut conn);
         }
@@ -589,6 +636,7 @@ impl Tracker {
             );
         } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
             // Closed while the upgrade waited for its answer.
+            conn.admit(&mut self.aggregates.ports);
             self.aggregates.count(conn.series(), Outcome::Reject);
             note(&mut self.notes, conn.id(cookie), conn.state.state_changed_ns, NoteKind::Reject);
         }
@@ -613,6 +661,7 @@ fn count_accept(aggregates: &mut Aggregates, conn: &mut Conn) {
         return;
     }
     conn.accepted = true;
+    conn.admit(&mut aggregates.ports);
     aggregates.count(conn.series(), Outcome::Accept);
 }
 
@@ -621,6 +670,7 @@ fn take_frame_counts(aggregates: &mut Aggregates, conn: &mut Conn) {
     let Some(ws) = conn.frames else {
         return;
     };
+    conn.admit(&mut aggregates.ports);
     let series = conn.series();
     for (d, stream) in ws.dir.iter().enumerate() {
         let base = &mut conn.baseline;
@@ -692,6 +742,7 @@ fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> Connecti
         remote_addr: socket_addr(s.family, &s.remote_addr, s.remote_port).to_string(),
         role: role_name(conn.role()).to_owned(),
         port: server_port(s),
+        metric_port: conn.series().0,
         pid: (s.pid != 0).then_some(s.pid),
         comm,
         websocket: conn.websocket(),
@@ -779,6 +830,7 @@ mod tests {
     use observer_common::EventHeader;
 
     use super::*;
+    use crate::metrics::OTHER_PORTS;
 
     const S: u64 = 1_000_000_000;
     const REQUEST: &[u8] =
@@ -917,16 +969,71 @@ mod tests {
         // The server pings at 10 s; the pong comes back 2 ms later.
         t.frame(3, &control(Direction::Egress, opcode::PING, 10 * S, 0));
         t.frame(3, &control(Direction::Ingress, opcode::PONG, 10 * S + 2_000_000, 0));
-        // The client pings at 20 s and the server never answers.
+        // The client pings at 20 s and 25 s and the server never answers: two misses.
         t.frame(3, &control(Direction::Ingress, opcode::PING, 20 * S, 0));
+        t.frame(3, &control(Direction::Ingress, opcode::PING, 25 * S, 0));
         assert_eq!(t.refresh(29 * S)[0].pong_missed, 0);
         assert_eq!(t.refresh(30 * S)[0].pong_missed, 1);
+        assert_eq!(t.refresh(35 * S)[0].pong_missed, 2);
         let view = &t.refresh(45 * S)[0];
-        assert_eq!((view.pings, view.pongs, view.pong_missed), (2, 1, 1));
+        assert_eq!((view.pings, view.pongs, view.pong_missed), (3, 1, 2));
         assert_eq!(view.last_pong_latency_seconds, Some(0.002));
         let agg = t.aggregates();
-        assert_eq!(agg.pong_missed[&(8080, "server")], 1);
+        assert_eq!(agg.pong_missed[&(8080, "server")], 2);
         assert_eq!(agg.pong_latency[&(8080, "server")].count(), 1);
+    }
+
+    #[test]
+    fn ports_past_the_label_limit_share_other_but_watched_ports_never_do() {
+        let mut t = tracker();
+        t.limit_port_labels(2);
+        for (cookie, port) in [(1, 8001), (2, 8002), (3, 8003), (4, 8001)] {
+            upgraded(&mut t, cookie, server(port, false));
+        }
+        let mut watched = server(9000, false);
+        watched.flags = flags::WATCHED;
+        t.open(5, watched);
+        let views = t.refresh(S);
+        let by_port = |port| views.iter().find(|v| v.port == port).unwrap().metric_port;
+        assert_eq!((by_port(8001), by_port(8002), by_port(8003)), (8001, 8002, OTHER_PORTS));
+        assert_eq!(by_port(9000), 9000);
+        let accepted = &t.aggregates().connections;
+        assert_eq!(accepted[&((8001, "server"), Outcome::Accept)], 2);
+        assert_eq!(accepted[&((OTHER_PORTS, "server"), Outcome::Accept)], 1);
+        assert!(!accepted.contains_key(&((8003, "server"), Outcome::Accept)));
+        let text = crate::metrics::render(&crate::metrics::Inputs {
+            connections: &views,
+            aggregates: t.aggregates(),
+            events_lost: 0,
+            maps: &[],
+            last_refresh_unix_seconds: 0.0,
+            hooks: &[],
+            pod_labels: false,
+        });
+        assert!(text.contains("websocket_connections_active{port=\"other\",role=\"server\"} 1"));
+        assert!(!text.contains("port=\"8003\""));
+    }
+
+    #[test]
+    fn a_pong_answers_the_latest_ping_and_the_ones_before_it() {
+        let mut t = tracker();
+        upgraded(&mut t, 3, server(8080, false));
+        // Three pings a second apart, one pong for the last: nothing missed, latency from it.
+        for at in [1, 2, 3] {
+            t.frame(3, &control(Direction::Egress, opcode::PING, at * S, 0));
+        }
+        t.frame(3, &control(Direction::Ingress, opcode::PONG, 3 * S + 5_000_000, 0));
+        let view = &t.refresh(60 * S)[0];
+        assert_eq!((view.pings, view.pongs, view.pong_missed), (3, 1, 0));
+        assert_eq!(view.last_pong_latency_seconds, Some(0.005));
+
+        // A peer that never answers a flood of pings: each one counted missed, once.
+        for i in 0..100 {
+            t.frame(3, &control(Direction::Egress, opcode::PING, 61 * S + i * 1_000_000, 0));
+        }
+        assert_eq!(t.refresh(62 * S)[0].pong_missed, 100 - MAX_OUTSTANDING_PINGS as u64);
+        assert_eq!(t.refresh(80 * S)[0].pong_missed, 100);
+        assert_eq!(t.refresh(90 * S)[0].pong_missed, 100);
     }
 
     #[test]
