@@ -134,6 +134,23 @@ def test_websocket_on_an_unlisted_port_is_found_by_its_handshake(netns, agent_fa
     assert agent.metric("websocket_connections_total", port=port, role="server", result="accept") == 1
 
 
+def test_ports_past_the_label_limit_are_counted_as_other(netns, agent_factory):
+    agent = agent_factory(*FLAGS, "--port", "7003", "--max-port-labels", "0")
+    port = 8769
+    peer(netns, "python", "server", port)
+    peer(netns, "node", "client", f"ws://127.0.0.1:{port}/", "chatty")
+    both = wait_for("both ends reported", lambda: ends(agent, port), timeout=5)
+    # /connections names the port; the metrics count it under `other`, never under its number.
+    assert both["server"]["port"] == port
+    wait_for(
+        "both ends counted under port=other",
+        lambda: (agent.metric("websocket_connections_active", port="other", role="server") or 0) >= 1
+        and (agent.metric("websocket_connections_active", port="other", role="client") or 0) >= 1,
+        timeout=2,
+    )
+    assert f'port="{port}"' not in agent.get("/metrics")
+
+
 def test_watched_port_is_reported_without_a_handshake(netns, agent_factory):
     port = 7002
     agent = agent_factory(*FLAGS, "--port", port)

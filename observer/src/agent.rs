@@ -189,6 +189,7 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
         .await
         .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
     let mut watch = Watch::start(&config.watch, false)?;
+    watch.tracker.limit_port_labels(config.max_port_labels);
 
     let shared = Arc::new(Shared::new(config.watch.refresh));
     let app = api::router(Arc::clone(&shared));

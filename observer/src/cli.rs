@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// process: at most one series per port, role and pod [default: off].
     #[arg(long, env = "OBSERVER_POD_LABELS", value_parser = clap::builder::BoolishValueParser::new())]
     pub pod_labels: bool,
+
+    /// Server ports with a `port` label of their own, besides the watched ones: the first ones
+    /// seen. Connections to later ports are counted under `port="other"`.
+    #[arg(long, env = "OBSERVER_MAX_PORT_LABELS", default_value_t = crate::metrics::DEFAULT_PORT_LABELS)]
+    pub max_port_labels: usize,
 }
 
 /// How the audit report is written.
@@ -184,6 +189,7 @@ pub struct RunConfig {
     pub watch: WatchConfig,
     pub metrics_addr: SocketAddr,
     pub pod_labels: bool,
+    pub max_port_labels: usize,
 }
 
 /// Validated settings of `observer audit`.
@@ -248,7 +254,12 @@ impl RunArgs {
                 self.metrics_addr
             ));
         }
-        Ok(RunConfig { watch, metrics_addr: self.metrics_addr, pod_labels: self.pod_labels })
+        Ok(RunConfig {
+            watch,
+            metrics_addr: self.metrics_addr,
+            pod_labels: self.pod_labels,
+            max_port_labels: self.max_port_labels,
+        })
     }
 }
 

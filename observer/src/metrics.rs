@@ -18,8 +18,69 @@ use observer_common::frame::{MESSAGE_SIZE_BOUNDS, MESSAGE_SIZE_BUCKETS, kind};
 
 use crate::{conntrack::ConnectionView, verdict::Verdict};
 
-/// `(server port, role)`.
+/// `(server port, role)`; the port is [`OTHER_PORTS`] for ports past the label limit.
 pub type SeriesKey = (u16, &'static str);
+
+/// The `port` of series whose server port came after the first `--max-port-labels` ones: no
+/// server listens on port 0, so it cannot clash. Written `other`.
+pub const OTHER_PORTS: u16 = 0;
+
+/// Which server ports get a `port` label of their own: every watched port, and the first
+/// `limit` others seen, in the order they were first counted. Later ones share `other`, so a
+/// host whose clients reach WebSocket servers on many ports still has a bounded number of series.
+#[derive(Debug)]
+pub struct PortLabels {
+    limit: usize,
+    labelled: BTreeSet<u16>,
+    /// Ports that fell into `other`, for the log.
+    folded: BTreeSet<u16>,
+}
+
+impl Default for PortLabels {
+    fn default() -> Self {
+        Self::new(DEFAULT_PORT_LABELS)
+    }
+}
+
+/// Default of `--max-port-labels`.
+pub const DEFAULT_PORT_LABELS: usize = 64;
+
+impl PortLabels {
+    pub fn new(limit: usize) -> Self {
+        Self { limit, labelled: BTreeSet::new(), folded: BTreeSet::new() }
+    }
+
+    /// The `port` label value for a connection end of server `port`.
+    pub fn label(&mut self, port: u16, watched: bool) -> u16 {
+        if watched || self.labelled.contains(&port) {
+            return port;
+        }
+        if self.labelled.len() < self.limit {
+            self.labelled.insert(port);
+            return port;
+        }
+        if self.folded.insert(port) {
+            tracing::info!(
+                port,
+                limit = self.limit,
+                "more server ports than --max-port-labels: counted as port=\"other\""
+            );
+        }
+        OTHER_PORTS
+    }
+}
+
+/// A `port` label value as written.
+struct PortLabel(u16);
+
+impl Display for PortLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            OTHER_PORTS => f.write_str("other"),
+            port => write!(f, "{port}"),
+        }
+    }
+}
 
 /// How a connection end's WebSocket life went, for `websocket_connections_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -129,6 +190,8 @@ pub struct Aggregates {
     pub closed: BTreeMap<(SeriesKey, &'static str), u64>,
     /// Times frame tracking of a direction was lost.
     pub tracking_lost: u64,
+    /// Which ports have a label of their own.
+    pub ports: PortLabels,
 }
 
 impl Aggregates {
@@ -202,7 +265,7 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         let a = &c.attribution;
         let pod =
             if inputs.pod_labels { a.namespace.as_deref().zip(a.pod.as_deref()) } else { None };
-        let s = series.entry(((c.port, role), pod)).or_default();
+        let s = series.entry(((c.metric_port, role), pod)).or_default();
         s.open += 1;
         s.by_state[Verdict::ALL.iter().position(|v| *v == c.state).unwrap_or(0)] += 1;
         s.send_queue += c.send_queue_bytes;
@@ -220,7 +283,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
 
     family(o, "websocket_connections_active", "gauge", "Open WebSocket connection ends.");
     for (((port, role), pod), s) in &series {
-        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        let port = PortLabel(*port);
+        let labels = with_pod(&[("port", &port), ("role", role)], pod);
         sample(o, "websocket_connections_active", &labels, s.open);
     }
 
@@ -231,7 +295,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "WebSocket connection ends by how they started (accept, reject) and ended (close, abort).",
     );
     for (((port, role), outcome), n) in &agg.connections {
-        let labels: &Labels = &[("port", port), ("role", role), ("result", &outcome.as_str())];
+        let labels: &Labels =
+            &[("port", &PortLabel(*port)), ("role", role), ("result", &outcome.as_str())];
         sample(o, "websocket_connections_total", labels, *n);
     }
 
@@ -243,7 +308,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
     );
     for (((port, role), pod), s) in &series {
         for (i, verdict) in Verdict::ALL.iter().enumerate() {
-            let labels = with_pod(&[("port", port), ("role", role), ("state", verdict)], pod);
+            let port = PortLabel(*port);
+            let labels = with_pod(&[("port", &port), ("role", role), ("state", verdict)], pod);
             sample(o, "websocket_connections_by_state", &labels, s.by_state[i]);
         }
     }
@@ -255,7 +321,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Bytes written by applications and not yet acknowledged by the peer, summed.",
     );
     for (((port, role), pod), s) in &series {
-        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        let port = PortLabel(*port);
+        let labels = with_pod(&[("port", &port), ("role", role)], pod);
         sample(o, "websocket_buffered_amount_bytes", &labels, s.send_queue);
     }
 
@@ -266,7 +333,8 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Bytes received from the peer and not yet read by the application, summed.",
     );
     for (((port, role), pod), s) in &series {
-        let labels = with_pod(&[("port", port), ("role", role)], pod);
+        let port = PortLabel(*port);
+        let labels = with_pod(&[("port", &port), ("role", role)], pod);
         sample(o, "websocket_receive_queue_bytes", &labels, s.recv_queue);
     }
 
@@ -277,7 +345,7 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Time from the first byte of the upgrade request to the end of the response headers.",
     );
     for (port, h) in &agg.handshake {
-        histogram(o, "websocket_handshake_duration_seconds", &[("port", port)], h);
+        histogram(o, "websocket_handshake_duration_seconds", &[("port", &PortLabel(*port))], h);
     }
 
     family(
@@ -288,8 +356,12 @@ pub fn render(inputs: &Inputs<'_>) -> String {
     );
     for (((port, role), direction, k), n) in &agg.messages {
         let opcode = kind::NAMES[*k];
-        let labels: &Labels =
-            &[("port", port), ("role", role), ("direction", direction), ("opcode", &opcode)];
+        let labels: &Labels = &[
+            ("port", &PortLabel(*port)),
+            ("role", role),
+            ("direction", direction),
+            ("opcode", &opcode),
+        ];
         sample(o, "websocket_messages_total", labels, *n);
     }
 
@@ -303,7 +375,7 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         histogram(
             o,
             "websocket_message_size_bytes",
-            &[("port", port), ("direction", direction)],
+            &[("port", &PortLabel(*port)), ("direction", direction)],
             h,
         );
     }
@@ -315,7 +387,12 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Time from a ping to its pong, for pings in either direction.",
     );
     for ((port, role), h) in &agg.pong_latency {
-        histogram(o, "websocket_pong_latency_seconds", &[("port", port), ("role", role)], h);
+        histogram(
+            o,
+            "websocket_pong_latency_seconds",
+            &[("port", &PortLabel(*port)), ("role", role)],
+            h,
+        );
     }
 
     family(
@@ -325,7 +402,12 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Pings left unanswered for the pong timeout.",
     );
     for ((port, role), n) in &agg.pong_missed {
-        sample(o, "websocket_pong_missed_total", &[("port", port), ("role", role)], *n);
+        sample(
+            o,
+            "websocket_pong_missed_total",
+            &[("port", &PortLabel(*port)), ("role", role)],
+            *n,
+        );
     }
 
     family(
@@ -335,8 +417,12 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Closing handshakes by the first close frame's code and who sent it (local or peer).",
     );
     for (((port, role), code, initiator), n) in &agg.closes {
-        let labels: &Labels =
-            &[("port", port), ("role", role), ("code", code), ("initiator", initiator)];
+        let labels: &Labels = &[
+            ("port", &PortLabel(*port)),
+            ("role", role),
+            ("code", code),
+            ("initiator", initiator),
+        ];
         sample(o, "websocket_close_total", labels, *n);
     }
 
@@ -347,7 +433,12 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Frames breaking RFC 6455 framing rules (reserved opcode, bad masking, fragmented control).",
     );
     for ((port, role), n) in &agg.violations {
-        sample(o, "websocket_protocol_violations_total", &[("port", port), ("role", role)], *n);
+        sample(
+            o,
+            "websocket_protocol_violations_total",
+            &[("port", &PortLabel(*port)), ("role", role)],
+            *n,
+        );
     }
 
     family(
@@ -358,7 +449,7 @@ pub fn render(inputs: &Inputs<'_>) -> String {
          (retransmissions gave up), aborted (closed with data unread).",
     );
     for (((port, role), reason), n) in &agg.closed {
-        let labels: &Labels = &[("port", port), ("role", role), ("reason", reason)];
+        let labels: &Labels = &[("port", &PortLabel(*port)), ("role", role), ("reason", reason)];
         sample(o, "websocket_connections_closed_total", labels, *n);
     }
 
@@ -519,6 +610,7 @@ mod tests {
         ConnectionView {
             role: role.into(),
             port,
+            metric_port: port,
             state,
             send_queue_bytes: sendq,
             recv_queue_bytes: recvq,
