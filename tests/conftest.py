@@ -114,6 +114,14 @@ class Netns:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
 
+def watches_a_websocket(agent, netns, port):
+    """Starts a chatty WebSocket pair on `port` in `netns` and waits until `agent` reports both
+    of its ends."""
+    netns.python_peer("server", port)
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/", "chatty")
+    wait_for("both ends of a WebSocket reported", lambda: len(agent.connections(port)) == 2, 5)
+
+
 class Agent:
     """A running observer, queried over its HTTP endpoint."""
 
@@ -124,6 +132,8 @@ class Agent:
         self.log_path = log_path
         self.log = open(log_path, "w")
         argv = [*prefix, OBSERVER, "run", "--metrics-addr", f"127.0.0.1:{self.port}"]
+        if "--state-file" not in args:  # one per agent, beside its log
+            argv += ["--state-file", f"{log_path}.state.json"]
         argv += list(map(str, args))
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for("the agent's /healthz", self._healthy, timeout=30)

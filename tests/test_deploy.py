@@ -148,13 +148,20 @@ def test_daemonset_has_least_privilege():
 
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-    assert set(host_paths.values()) == {"/sys/fs/cgroup", "/sys/kernel/btf", "/var/log/pods"}
-    assert set(mounts) == set(host_paths) and all(m["readOnly"] for m in mounts.values())
+    assert set(host_paths.values()) == {
+        "/sys/fs/cgroup", "/sys/kernel/btf", "/var/log/pods", "/run/observer",
+    }
+    assert set(mounts) == set(host_paths)
+    # Everything read-only but the agent's own state directory.
+    writable = {name for name, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"state"} and host_paths["state"] == "/run/observer"
 
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["OBSERVER_POD_LABELS"] == "true"
     assert env["OBSERVER_CGROUP"] == mounts["cgroup"]["mountPath"]
     assert env["OBSERVER_POD_LOG_DIR"] == mounts["pod-logs"]["mountPath"]
+    state_file = env.get("OBSERVER_STATE_FILE", "/run/observer/state.json")
+    assert state_file.startswith(mounts["state"]["mountPath"] + "/")
     assert env["OBSERVER_METRICS_ADDR"].endswith(":9464")
     assert container["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):

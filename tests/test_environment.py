@@ -9,7 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import OBSERVER, Agent, free_port, wait_for
+from conftest import OBSERVER, Agent, free_port, watches_a_websocket
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 FLAGS = ("--refresh", "250ms")
@@ -64,9 +64,7 @@ def test_a_missing_optional_tracepoint_is_logged_exported_and_survived(tmp_path,
         assert "resets received are not told apart" in log, log
         assert agent.metric("observer_hook_attached", program="observer_rst_in") == 0
         assert agent.metric("observer_hook_attached", program="observer_rst_out") == 1
-        netns.python_peer("server", 8971)
-        netns.python_peer("client", "ws://127.0.0.1:8971/", "chatty")
-        wait_for("the WebSocket reported", lambda: len(agent.connections(8971)) == 2, 5)
+        watches_a_websocket(agent, netns, 8971)
     finally:
         agent.stop()
 
@@ -87,9 +85,7 @@ def test_without_bpffs_the_agent_mounts_it_and_works(tmp_path, netns):
     agent = Agent((*FLAGS, "--port", 8972), tmp_path / "agent.log", prefix=prefix)
     try:
         assert "mounted missing filesystem" in agent.read_log()
-        netns.python_peer("server", 8972)
-        netns.python_peer("client", "ws://127.0.0.1:8972/", "chatty")
-        wait_for("the WebSocket reported", lambda: len(agent.connections(8972)) == 2, 5)
+        watches_a_websocket(agent, netns, 8972)
     finally:
         agent.stop()
 

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from conftest import OBSERVER, Agent, free_port, wait_for
+from conftest import OBSERVER, Agent, free_port, wait_for, watches_a_websocket
 
 FLAGS = ("--refresh", "250ms")
 
@@ -78,9 +78,7 @@ def test_only_the_documented_capabilities_are_needed(netns, tmp_path):
             "--inh-caps", "-all", "--"]
     agent = Agent(FLAGS, tmp_path / "agent.log", prefix=only)
     try:
-        netns.python_peer("server", 8998)
-        netns.python_peer("client", "ws://127.0.0.1:8998/", "chatty")
-        wait_for("a WebSocket reported", lambda: len(agent.connections(8998)) == 2, 5)
+        watches_a_websocket(agent, netns, 8998)
     finally:
         agent.stop()
 
@@ -94,3 +92,37 @@ def test_without_privileges_the_error_names_what_is_missing():
     assert result.returncode == 3, result
     message = result.stderr.strip().splitlines()[-1]
     assert "CAP_BPF" in message and "run as root" in message, message
+
+
+def test_a_restarted_agent_finds_the_same_connections_and_verdicts(netns, agent_factory, tmp_path):
+    # Off the watched ports: the frozen pair moves no frame, so only the state file can tell
+    # the second agent that it is a WebSocket.
+    chatty, frozen = 8993, 8994
+    state = tmp_path / "state.json"
+    flags = ("--idle-after", "3s", "--stall-after", "2s", "--state-file", state, *FLAGS)
+
+    def verdicts(agent):
+        ends = agent.connections(chatty) + agent.connections(frozen)
+        return {(c["local_addr"], c["remote_addr"]): c["state"] for c in ends}
+
+    def settled(agent):
+        v = verdicts(agent)
+        states = sorted(v.values())
+        return len(v) == 4 and states == ["active", "active", "backpressured", "not_reading"] and v
+
+    first = agent_factory(*flags)
+    netns.python_peer("server", chatty)
+    netns.python_peer("client", f"ws://127.0.0.1:{chatty}/", "chatty")
+    stuck = netns.python_peer("server", frozen, "sink")
+    netns.python_peer("client", f"ws://127.0.0.1:{frozen}/", "stream")
+    stuck.send_signal(signal.SIGSTOP)
+    before = wait_for("the first agent's verdicts", lambda: settled(first), timeout=10)
+    saved = lambda: state.exists() and len(json.loads(state.read_text())["websockets"]) == 4
+    wait_for("the four ends in the state file", saved, timeout=5)
+    first.stop()
+
+    # The second agent finds them in the kernel's socket table, frozen ones included.
+    second = agent_factory(*flags)
+    after = wait_for("the same verdicts after the restart", lambda: settled(second), timeout=10)
+    assert after == before
+    assert all(c["websocket"] and c["path"] == "/" for c in second.connections(frozen))

@@ -31,6 +31,7 @@ use crate::{
     k8s,
     kernel::{Kernel, KernelConfig},
     metrics, sockdiag,
+    state::StateFile,
 };
 
 /// Why `observer run` stopped, mapped to the documented exit codes.
@@ -68,6 +69,8 @@ struct Watch {
     events: AsyncFd<RingBuf<aya::maps::MapData>>,
     tracker: Tracker,
     evictor: Evictor,
+    /// Where `run` keeps which connections are WebSocket by their handshake.
+    state: Option<StateFile>,
     pods: k8s::Resolver,
     ports: Vec<u16>,
     refresh: std::time::Duration,
@@ -109,13 +112,18 @@ impl Watch {
             events,
             tracker,
             evictor: Evictor::new(config.max_connections, config.max_websockets),
+            state: config.state_file.clone().map(StateFile::new),
             pods: k8s::Resolver::new("/proc", &config.pod_log_dir),
             ports: config.ports.clone(),
             refresh: config.refresh,
             lost_when_adopted: 0,
             refresh_started: Instant::now(),
         };
+        let saved = watch.state.as_ref().map(StateFile::load).unwrap_or_default();
         adopt_existing(&mut watch.kernel, &mut watch.tracker, &mut watch.evictor, &watch.ports);
+        for (cookie, upgrade) in saved {
+            watch.tracker.restore_upgrade(cookie, upgrade);
+        }
         watch.lost_when_adopted = watch.kernel.stat(stat::EVENTS_LOST);
         Ok(watch)
     }
@@ -462,7 +470,10 @@ fn evict(kernel: &mut Kernel, tracker: &mut Tracker, plan: &evict::Plan) {
 }
 
 /// Renders the metrics of one refresh and publishes them with its connection ends.
-fn publish(watch: &Watch, connections: Vec<ConnectionView>, shared: &Shared, pod_labels: bool) {
+fn publish(watch: &mut Watch, connections: Vec<ConnectionView>, shared: &Shared, pod_labels: bool) {
+    if let Some(state) = &mut watch.state {
+        state.save(watch.tracker.upgrades());
+    }
     let kernel = &watch.kernel;
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();

@@ -80,6 +80,17 @@ pub struct WatchArgs {
     /// The kubelet's pod log directory, whose `<namespace>_<pod>_<uid>` entries name the pods.
     #[arg(long, env = "OBSERVER_POD_LOG_DIR", value_name = "DIR", default_value = "/var/log/pods")]
     pub pod_log_dir: PathBuf,
+
+    /// File where `observer run` keeps which open connections proved WebSocket by their
+    /// handshake, so that a restarted agent still recognises the silent ones; read at start.
+    /// Empty to keep nothing.
+    #[arg(
+        long,
+        env = "OBSERVER_STATE_FILE",
+        value_name = "FILE",
+        default_value = "/run/observer/state.json"
+    )]
+    pub state_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -181,6 +192,7 @@ pub struct WatchConfig {
     pub event_buffer: u32,
     pub cgroup: Option<PathBuf>,
     pub pod_log_dir: PathBuf,
+    pub state_file: Option<PathBuf>,
 }
 
 /// Validated settings of `observer run`.
@@ -241,6 +253,7 @@ impl WatchArgs {
             event_buffer: self.event_buffer,
             cgroup: self.cgroup,
             pod_log_dir: self.pod_log_dir,
+            state_file: (!self.state_file.as_os_str().is_empty()).then_some(self.state_file),
         })
     }
 }

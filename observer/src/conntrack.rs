@@ -484,6 +484,21 @@ impl Tracker {
         });
     }
 
+    /// Marks an adopted connection as the WebSocket an earlier run saw upgrade.
+    pub fn restore_upgrade(&mut self, cookie: u64, upgrade: Upgrade) {
+        if let Some(conn) = self.conns.get_mut(&cookie)
+            && conn.upgrade.is_none()
+        {
+            conn.upgrade = Some(upgrade);
+            conn.protocol = "websocket";
+        }
+    }
+
+    /// The connections whose upgrade was seen, by this run or an earlier one.
+    pub fn upgrades(&self) -> impl Iterator<Item = (u64, &Upgrade)> {
+        self.conns.iter().filter_map(|(cookie, conn)| Some((*cookie, conn.upgrade.as_ref()?)))
+    }
+
     /// A tracked connection reached `TCP_CLOSE`.
     pub fn close(&mut self, cookie: u64, state: ConnState, frames: WsState) {
         if let Some(mut conn) = self.conns.remove(&cookie) {

@@ -20,6 +20,7 @@ mod kernel;
 mod list;
 mod metrics;
 mod sockdiag;
+mod state;
 mod verdict;
 
 use std::{io::IsTerminal as _, process::ExitCode};
