@@ -62,6 +62,8 @@ def assert_live_set_is_the_kernels(netns, agent):
         )
     assert len(reported(agent, WATCHED)) == 2 * HELD_WATCHED
     assert reported(agent, CHURNED) == set()
+    # The maps were read in batches, not key by key.
+    assert "batch map reads refused" not in agent.read_log()
 
 
 def test_churn_with_tiny_maps_counts_its_losses_and_resyncs(netns, agent_factory):

@@ -173,9 +173,9 @@ impl Watch {
             adopt_existing(&mut self.kernel, &mut self.tracker, &mut self.evictor, &self.ports);
             self.lost_when_adopted = lost;
         }
-        let entries: Vec<_> = self.kernel.conns.iter().filter_map(Result::ok).collect();
-        let frames = &self.kernel.frames;
-        self.tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie, 0).ok());
+        let entries = self.kernel.read_conns();
+        let frames = self.kernel.read_frames();
+        self.tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie).copied());
         let tracker = &self.tracker;
         let plan = self.evictor.plan(&entries, |cookie| tracker.reported(cookie));
         evict(&mut self.kernel, &mut self.tracker, &plan);
@@ -428,9 +428,8 @@ fn remove_stale_adoptions(kernel: &mut Kernel, adopted_ns: u64) -> usize {
     };
     let alive: HashSet<u64> = scan.sockets.iter().map(|s| s.cookie).collect();
     let stale: Vec<u64> = kernel
-        .conns
-        .iter()
-        .filter_map(Result::ok)
+        .read_conns()
+        .into_iter()
         .filter(|(cookie, state)| {
             state.flags & observer_common::flags::ADOPTED != 0
                 && state.established_ns <= adopted_ns

@@ -5,8 +5,9 @@
 
 use std::{
     fs,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use aya::{
@@ -86,6 +87,11 @@ pub struct Kernel {
     pub frames: HashMap<MapData, u64, WsState>,
     pub stop_forwarding: HashMap<MapData, u64, u8>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Second descriptors of `conns` and `frames`, for whole-map batch reads.
+    conns_fd: OwnedFd,
+    frames_fd: OwnedFd,
+    /// Batch reads failed once: walk the maps key by key from then on.
+    no_batch: AtomicBool,
     /// Taken by the event loop.
     pub events: Option<RingBuf<MapData>>,
     /// Optional programs, and whether each is attached.
@@ -190,6 +196,9 @@ impl Kernel {
         info!(cgroup = %cgroup_path.display(), "kernel programs attached");
 
         Ok(Self {
+            conns_fd: map_fd(&ebpf, "CONNS")?,
+            frames_fd: map_fd(&ebpf, "FRAMES")?,
+            no_batch: AtomicBool::new(false),
             conns: take_map(&mut ebpf, "CONNS")?,
             frames: take_map(&mut ebpf, "FRAMES")?,
             stop_forwarding: take_map(&mut ebpf, "STOP_FWD")?,
@@ -198,6 +207,34 @@ impl Kernel {
             hooks,
             _ebpf: ebpf,
         })
+    }
+
+    /// Every connection end in `CONNS`.
+    pub fn read_conns(&self) -> Vec<(u64, ConnState)> {
+        self.read_all(&self.conns_fd, &self.conns)
+    }
+
+    /// The frame tracking of every connection in `FRAMES`.
+    pub fn read_frames(&self) -> std::collections::HashMap<u64, WsState> {
+        self.read_all(&self.frames_fd, &self.frames).into_iter().collect()
+    }
+
+    /// A whole map, in batches when the kernel can, else key by key.
+    fn read_all<V: aya::Pod + Default>(
+        &self,
+        fd: &OwnedFd,
+        map: &HashMap<MapData, u64, V>,
+    ) -> Vec<(u64, V)> {
+        if !self.no_batch.load(Ordering::Relaxed) {
+            match crate::batch::read_hash(fd.as_fd()) {
+                Ok(entries) => return entries,
+                Err(error) => {
+                    warn!(%error, "batch map reads refused: reading the maps key by key, which costs more");
+                    self.no_batch.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        map.iter().filter_map(Result::ok).collect()
     }
 
     /// Sum over CPUs of one kernel-side counter.
@@ -220,6 +257,18 @@ where
         source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
     })?;
     T::try_from(map).map_err(|source| KernelError::Map { name, source: Box::new(source) })
+}
+
+/// A descriptor of its own for the map `name`, still in `ebpf`.
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, KernelError> {
+    let missing = |source| KernelError::Map { name, source: Box::new(source) };
+    let data = match ebpf.map(name) {
+        Some(aya::maps::Map::HashMap(data)) => data,
+        _ => return Err(missing(aya::maps::MapError::InvalidName { name: name.into() })),
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        missing(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
+    })
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>

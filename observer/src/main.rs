@@ -10,6 +10,7 @@ mod adopt;
 mod agent;
 mod api;
 mod audit;
+mod batch;
 mod cli;
 mod clock;
 mod conntrack;
