@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use observer_common::{
     CHUNK_LEN, ChunkEvent, ConnState, Direction, EventHeader, EventKind, HEADER_WINDOW, Role,
-    flags, stat,
+    ends, flags, stat,
 };
 
 use crate::{CONNS, EVENTS, STOP_FWD, count, frames};
@@ -41,6 +41,7 @@ use crate::{CONNS, EVENTS, STOP_FWD, count, frames};
 const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_FIN: u8 = 0x01;
 /// Chunks copied from one segment at most (a loopback segment can hold the whole window).
 const MAX_CHUNKS: u32 = HEADER_WINDOW / CHUNK_LEN as u32;
 
@@ -173,6 +174,12 @@ fn account(ctx: &SkBuffContext, state: *mut ConnState, seg: &Segment, direction:
 
     // SAFETY: as above.
     unsafe {
+        // The peer's FIN takes a sequence number that the socket counts in `bytes_received`.
+        // The state callbacks see it only on the way to CLOSE_WAIT or CLOSING; the end that
+        // closed first receives it in FIN_WAIT and goes to CLOSE without passing either.
+        if seg.tcp_flags & TCP_FLAG_FIN != 0 && in_order {
+            (*state).ends |= ends::FIN_RECEIVED;
+        }
         (*state).last_ingress_ns = now;
         (*state).peer_window = u32::from(seg.window);
         if seg.window == 0 && seg.tcp_flags & TCP_FLAG_RST == 0 {
