@@ -187,6 +187,8 @@ struct Conn {
     /// Close frames seen, by direction.
     close_frames: [bool; 2],
     close_code: Option<u16>,
+    /// When the first close frame crossed, either way.
+    first_close_ns: u64,
     /// Found already open rather than seen being established.
     adopted: bool,
 }
@@ -212,6 +214,7 @@ impl Conn {
             outstanding: [VecDeque::new(), VecDeque::new()],
             close_frames: [false; 2],
             close_code: None,
+            first_close_ns: 0,
             adopted: false,
         }
     }
@@ -281,6 +284,21 @@ impl Conn {
             self.state.established_ns
         };
         Some(ws.dir[0].last_data_ns.max(ws.dir[1].last_data_ns).max(floor))
+    }
+
+    /// The closing handshake half done: one side sent its close frame and the other has not
+    /// answered, while TCP is still open.
+    fn unanswered_close(&self, now_ns: u64) -> Option<String> {
+        let [from_peer, from_local] = self.close_frames;
+        if from_peer == from_local {
+            return None;
+        }
+        let age = now_ns.saturating_sub(self.first_close_ns) as f64 / 1e9;
+        Some(if from_local {
+            format!("closing: close frame sent {age:.0} s ago, no close reply")
+        } else {
+            format!("closing: close frame received {age:.0} s ago, not answered")
+        })
     }
 
     /// Age of the oldest ping still unanswered after the pong timeout, if any.
@@ -467,6 +485,9 @@ impl Tracker {
                     let key = (conn.series(), close_code_label(event.close_code), initiator);
                     *self.aggregates.closes.entry(key).or_default() += 1;
                 }
+                if conn.close_code.is_none() {
+                    conn.first_close_ns = ts;
+                }
                 conn.close_code.get_or_insert(event.close_code);
                 conn.close_frames[direction] = true;
             }
@@ -580,6 +601,10 @@ impl Tracker {
                     .detail
                     .push_str(&format!("; a ping unanswered for {:.0} s", age as f64 / 1e9));
             }
+            if let Some(closing) = conn.unanswered_close(now_ns) {
+                judgement.detail.push_str("; ");
+                judgement.detail.push_str(&closing);
+            }
             let verdict = judgement.verdict;
             if conn.verdict != Some(verdict) {
                 conn.verdict_since_ns = now_ns;
@@ -647,6 +672,11 @@ impl Tracker {
                 outcome = outcome.as_str(),
                 reason,
                 close_code = conn.close_code.unwrap_or(0),
+                closing_handshake = match conn.close_frames {
+                    [true, true] => "completed",
+                    [false, false] => "none",
+                    _ => "never answered",
+                },
                 "connection closed"
             );
         } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
@@ -1082,6 +1112,23 @@ mod tests {
         ));
         assert!(notes.iter().all(|n| (n.id.cookie, n.id.port, n.id.role) == (3, 8080, "server")));
         assert!(t.take_notes().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_close_frame_left_unanswered_is_named_and_ends_as_an_abort() {
+        let mut t = tracker();
+        upgraded(&mut t, 4, server(8080, false));
+        t.frame(4, &control(Direction::Egress, opcode::CLOSE, 5 * S, 1000));
+        let view = &t.refresh(8 * S)[0];
+        assert!(
+            view.detail.ends_with("; closing: close frame sent 3 s ago, no close reply"),
+            "{}",
+            view.detail
+        );
+        t.close(4, server(8080, false), WsState::default());
+        let agg = t.aggregates();
+        assert_eq!(agg.closes[&((8080, "server"), "1000".to_owned(), "local")], 1);
+        assert_eq!(agg.connections[&((8080, "server"), Outcome::Abort)], 1);
     }
 
     #[test]

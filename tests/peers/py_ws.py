@@ -6,15 +6,18 @@
 
 Server modes: `echo` (default) echoes; `sink` reads and discards; `ping` echoes and pings every
 second, never closing for a missing pong; `stream` sends 64 KiB messages as fast as the
-connection takes them; `noread` never reads but sends a message every second.
+connection takes them; `noread` never reads but sends a message every second; `close` closes
+each connection after a second (code 1000), waits 3 s for the close reply, then ends TCP.
 
 Client modes: `chatty` sends a message every 200 ms and reads the echo; `silent` exchanges COUNT
 messages (default 3) then stays connected without a byte either way; `stream` sends 64 KiB
 messages as fast as the connection takes them and never reads; `pinger` sends nothing but the
-library's keepalive pings, every 500 ms, and never gives up on a missing pong; `lengths` sends
+library's keepalive pings, every 500 ms, and never gives up on a missing pong; `pinger-strict`
+pings the same way but gives a pong 1 s, then fails the connection with code 1011 as the library
+does, and prints `closed CODE` with the code it sent once TCP is gone; `lengths` sends
 one uncompressed binary message of each size in COUNT (comma-separated) and prints `sent N` for
 each; `close` exchanges one message and closes with code 1001; `drain` reads everything and sends
-nothing. Outside `pinger`, heartbeats are
+nothing. Outside the pinger modes, heartbeats are
 off so that only the test decides what crosses the wire. Prints `ready` once listening or
 connected, `quiet` when a `silent` client has gone quiet, and `done` when a client is done.
 """
@@ -52,9 +55,17 @@ async def noread(ws):
         await asyncio.sleep(1)
 
 
+async def close_after_a_second(ws):
+    await asyncio.sleep(1)
+    await ws.close()
+
+
 async def server(port, mode, host):
-    handler = {"sink": sink, "stream": stream, "noread": noread}.get(mode, echo)
+    handlers = {"sink": sink, "stream": stream, "noread": noread, "close": close_after_a_second}
+    handler = handlers.get(mode, echo)
     options = {"ping_interval": None, "max_size": None}
+    if mode == "close":
+        options.update(close_timeout=3)
     if mode == "ping":
         options.update(ping_interval=1, ping_timeout=None)
     if host == "dual":
@@ -74,6 +85,8 @@ async def client(url, mode, count):
     options = {"ping_interval": None, "max_size": None}
     if mode == "pinger":
         options.update(ping_interval=0.5, ping_timeout=None)
+    if mode == "pinger-strict":
+        options.update(ping_interval=0.5, ping_timeout=1)
     if mode == "lengths":
         options.update(compression=None)
     async with websockets.connect(url, **options) as ws:
@@ -94,6 +107,10 @@ async def client(url, mode, count):
             while True:
                 await ws.send(payload)
         elif mode == "pinger":
+            await asyncio.Future()
+        elif mode == "pinger-strict":
+            await ws.wait_closed()
+            say(f"closed {ws.protocol.close_sent.code if ws.protocol.close_sent else None}")
             await asyncio.Future()
         elif mode == "lengths":
             for size in count:

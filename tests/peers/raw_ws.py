@@ -7,6 +7,8 @@
     raw_ws.py bound-client PORT LOCAL
                                      upgrades from local port LOCAL, then sends a text frame
                                      every 200 ms and reads the echoes
+    raw_ws.py deaf-client PORT       upgrades, then never reads or writes again: a close frame
+                                     gets no reply and TCP stays open from its side
     raw_ws.py tls PORT               starts a TLS handshake (Python's ssl module) and waits
     raw_ws.py h2 PORT                sends the HTTP/2 connection preface and waits
 
@@ -48,6 +50,22 @@ def split_handshake(port):
         chunk = sock.recv(65536)
         if not chunk:
             raise SystemExit(f"closed early: {reply[:200]!r}")
+        reply += chunk
+    say("ready")
+    time.sleep(3600)
+
+
+def deaf_client(port):
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"GET /deaf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(1)  # one byte at a time: nothing past the 101 is read
+        if not chunk:
+            raise SystemExit(f"closed early: {reply!r}")
         reply += chunk
     say("ready")
     time.sleep(3600)
@@ -105,7 +123,8 @@ def main():
     if mode == "bound-client":
         bound_client(port, int(sys.argv[3]))
         return
-    {"split-handshake": split_handshake, "tls": tls, "h2": h2}[mode](port)
+    modes = {"split-handshake": split_handshake, "deaf-client": deaf_client, "tls": tls, "h2": h2}
+    modes[mode](port)
 
 
 if __name__ == "__main__":
