@@ -32,8 +32,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use observer_common::{
-    CHUNK_LEN, ChunkEvent, ConnState, Direction, EventHeader, EventKind, HEADER_WINDOW, Role,
-    ends, flags, stat,
+    CHUNK_LEN, ChunkEvent, ConnState, Direction, EventHeader, EventKind, HEADER_WINDOW, Role, ends,
+    flags, stat,
 };
 
 use crate::{CONNS, EVENTS, STOP_FWD, count, frames};
