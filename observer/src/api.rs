@@ -26,28 +26,29 @@ pub struct Snapshot {
 /// State shared between the refresh loop and the handlers.
 #[derive(Debug)]
 pub struct Shared {
-    snapshot: RwLock<Arc<Snapshot>>,
+    /// `None` until the first refresh: every endpoint answers 503 until then.
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
     /// The agent is unhealthy when no refresh happened for this long.
     stale_after: Duration,
 }
 
 impl Shared {
     pub fn new(refresh: Duration) -> Self {
-        let empty =
-            Snapshot { connections: Vec::new(), metrics: String::new(), taken: Instant::now() };
-        Self {
-            snapshot: RwLock::new(Arc::new(empty)),
-            stale_after: refresh * 3 + Duration::from_secs(1),
-        }
+        Self { snapshot: RwLock::new(None), stale_after: refresh * 3 + Duration::from_secs(1) }
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
     }
 
-    fn current(&self) -> Arc<Snapshot> {
-        Arc::clone(&self.snapshot.read().unwrap_or_else(|e| e.into_inner()))
+    fn current(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// The answer of every endpoint before the first refresh.
+fn starting() -> axum::response::Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "starting: no refresh yet\n").into_response()
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -58,20 +59,30 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let snapshot = shared.current();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], snapshot.metrics.clone())
+async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    let Some(snapshot) = shared.current() else {
+        return starting();
+    };
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")];
+    (content_type, snapshot.metrics.clone()).into_response()
 }
 
-async fn connections(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    Json(shared.current().connections.clone())
+async fn connections(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    let Some(snapshot) = shared.current() else {
+        return starting();
+    };
+    Json(snapshot.connections.clone()).into_response()
 }
 
-async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let age = shared.current().taken.elapsed();
+async fn healthz(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    let Some(snapshot) = shared.current() else {
+        return starting();
+    };
+    let age = snapshot.taken.elapsed();
     if age <= shared.stale_after {
-        (StatusCode::OK, "ok\n".to_owned())
+        (StatusCode::OK, "ok\n".to_owned()).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("last refresh {:.1}s ago\n", age.as_secs_f64()))
+        let message = format!("last refresh {:.1}s ago\n", age.as_secs_f64());
+        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
     }
 }

@@ -88,13 +88,16 @@ fn block_on(
     command: impl std::future::Future<Output = Result<(), agent::RunError>>,
     name: &str,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            say!("{name}: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // The command itself runs on this thread; the HTTP endpoints on a worker of their own, so
+    // they keep answering while a refresh of many connections is under way.
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                say!("{name}: cannot start the runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
