@@ -5,6 +5,7 @@ recognised by their frames."""
 import os
 import signal
 import sys
+import time
 
 from conftest import PEERS, wait_for
 
@@ -69,3 +70,29 @@ def test_connections_open_before_the_agent_are_adopted(netns, agent_factory):
     client.kill()
     wait_for("the adopted pair gone", lambda: agent.connections(ws_port) == [], REFRESH + SLACK + 1)
     os.kill(stuck.pid, signal.SIGCONT)
+
+
+def test_a_connection_adopted_mid_stream_keeps_no_phantom_bytes(netns, agent_factory):
+    # The server reads as fast as the client streams, so it reads while its entry is being
+    # made; those reads are never counted, and would stay as unread bytes for good.
+    port = 8953
+    netns.python_peer("server", port, "sink")
+    streamer = netns.python_peer("client", f"ws://127.0.0.1:{port}/", "stream")
+    agent = agent_factory(*FLAGS)
+    wait_for("the streaming pair adopted", lambda: end(agent, port, "server"), timeout=REFRESH + SLACK + 2)
+
+    # The stream stops; the server drains what is left and has nothing more to read.
+    os.kill(streamer.pid, signal.SIGSTOP)
+    try:
+        def drained():
+            e = end(agent, port, "server")
+            ss = netns.ss_queues(port)[(e["local_addr"], e["remote_addr"])]
+            return e["recv_queue_bytes"] == ss[0] == 0 and e
+
+        wait_for("the server's receive queue as ss has it: empty", drained, timeout=STALL + SLACK + 2)
+        # Nothing unread, so no verdict of a reader that stopped, however long it stays quiet.
+        time.sleep(STALL + REFRESH)  # the fault itself: a quiet server past the stall threshold
+        server = end(agent, port, "server")
+        assert server["recv_queue_bytes"] == 0 and server["state"] != "not_reading", server
+    finally:
+        os.kill(streamer.pid, signal.SIGCONT)

@@ -77,6 +77,8 @@ struct Watch {
     lost_when_adopted: u64,
     /// When the current refresh began.
     refresh_started: Instant,
+    /// When adopted connections' queues were last checked against the socket table.
+    last_verified: Option<Instant>,
 }
 
 /// Why the loop stopped.
@@ -90,7 +92,7 @@ enum Stopped {
 
 impl Watch {
     /// Loads the kernel programs and adopts the connections already open.
-    fn start(config: &WatchConfig, keep_notes: bool) -> Result<Self, RunError> {
+    fn start(config: &WatchConfig, keep_notes: bool, port_labels: usize) -> Result<Self, RunError> {
         let mut kernel = Kernel::load(&KernelConfig {
             watched_ports: config.ports.clone(),
             max_connections: config.max_connections,
@@ -107,6 +109,7 @@ impl Watch {
         if keep_notes {
             tracker.keep_notes();
         }
+        tracker.limit_port_labels(port_labels);
         let mut watch = Self {
             kernel,
             events,
@@ -118,6 +121,7 @@ impl Watch {
             refresh: config.refresh,
             lost_when_adopted: 0,
             refresh_started: Instant::now(),
+            last_verified: None,
         };
         let saved = watch.state.as_ref().map(StateFile::load).unwrap_or_default();
         adopt_existing(&mut watch.kernel, &mut watch.tracker, &mut watch.evictor, &watch.ports);
@@ -179,9 +183,39 @@ impl Watch {
         let tracker = &self.tracker;
         let plan = self.evictor.plan(&entries, |cookie| tracker.reported(cookie));
         evict(&mut self.kernel, &mut self.tracker, &plan);
+        self.verify_adopted_queues();
         let mut connections = self.tracker.refresh(crate::clock::monotonic_ns());
         self.pods.annotate(&mut connections, Instant::now());
         connections
+    }
+
+    /// Checks the queues of adopted connections that have gone quiet against the kernel's socket
+    /// table, at most once a second: what the application read or wrote while their entries
+    /// were being made was never counted.
+    fn verify_adopted_queues(&mut self) {
+        const QUIET_NS: u64 = 500_000_000;
+        if self.last_verified.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        let pending = self.tracker.unverified_quiet(crate::clock::monotonic_ns(), QUIET_NS);
+        if pending.is_empty() {
+            return;
+        }
+        self.last_verified = Some(Instant::now());
+        let scan = match sockdiag::scan_all_namespaces() {
+            Ok(scan) => scan,
+            Err(error) => {
+                debug!(%error, "adopted connections' queues not checked");
+                return;
+            }
+        };
+        let queues: std::collections::HashMap<u64, (u32, u32)> =
+            scan.sockets.iter().map(|s| (s.cookie, (s.recv_queue, s.send_queue))).collect();
+        for cookie in pending {
+            if let Some(&(recv, send)) = queues.get(&cookie) {
+                self.tracker.verify_queues(cookie, recv.into(), send.into());
+            }
+        }
     }
 
     /// Handles the events already waiting, without waiting for more.
@@ -196,8 +230,7 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let listener = TcpListener::bind(config.metrics_addr)
         .await
         .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
-    let mut watch = Watch::start(&config.watch, false)?;
-    watch.tracker.limit_port_labels(config.max_port_labels);
+    let mut watch = Watch::start(&config.watch, false, config.max_port_labels)?;
 
     let shared = Arc::new(Shared::new(config.watch.refresh));
     let app = api::router(Arc::clone(&shared));
@@ -233,7 +266,7 @@ pub async fn audit(config: AuditConfig) -> Result<(), RunError> {
     };
     let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let started = Instant::now();
-    let mut watch = Watch::start(&config.watch, true)?;
+    let mut watch = Watch::start(&config.watch, true, metrics::DEFAULT_PORT_LABELS)?;
     info!(
         duration = %humantime::format_duration(config.duration),
         ports = ?config.watch.ports,
@@ -408,6 +441,18 @@ fn adopt_existing(
         adopted += 1;
     }
     let stale = if adopted > 0 { remove_stale_adoptions(kernel, now) } else { 0 };
+    let refused = scan.skipped.iter().find(|(_, e)| {
+        matches!(e, sockdiag::SockDiagError::Setns { source, .. }
+            if source.raw_os_error() == Some(libc::EPERM))
+    });
+    if let Some((inode, error)) = refused {
+        warn!(
+            netns = inode,
+            %error,
+            namespaces = scan.skipped.len(),
+            "cannot enter other network namespaces (entering one needs CAP_SYS_ADMIN): their connections already open are not adopted"
+        );
+    }
     info!(
         adopted,
         stale,

@@ -149,6 +149,25 @@ struct Baseline {
     rsv1: [u32; 2],
 }
 
+/// What an adopted connection's counters are off by. Between the socket-table read its entry
+/// was made from and the entry's creation, the application may have read or written bytes no
+/// kernel program counted: they would show as phantom unread bytes, or missing unacknowledged
+/// ones, for the connection's whole life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct QueueCorrection {
+    /// Bytes read that were never counted: taken off the receive queue.
+    read: u64,
+    /// Bytes written that were never counted: added to the send queue.
+    written: u64,
+}
+
+impl QueueCorrection {
+    fn apply(self, state: &mut ConnState) {
+        state.bytes_read += self.read;
+        state.bytes_written += self.written;
+    }
+}
+
 /// An unanswered ping.
 #[derive(Debug, Clone, Copy)]
 struct Ping {
@@ -189,6 +208,10 @@ struct Conn {
     close_code: Option<u16>,
     /// When the first close frame crossed, either way.
     first_close_ns: u64,
+    /// Adopted, and its queues not yet checked against the kernel's socket table.
+    unverified: bool,
+    /// Corrections found by that check (see [`Tracker::verify_queues`]).
+    correction: QueueCorrection,
     /// Found already open rather than seen being established.
     adopted: bool,
 }
@@ -215,6 +238,8 @@ impl Conn {
             close_frames: [false; 2],
             close_code: None,
             first_close_ns: 0,
+            unverified: false,
+            correction: QueueCorrection::default(),
             adopted: false,
         }
     }
@@ -500,9 +525,42 @@ impl Tracker {
         self.conns.entry(cookie).or_insert_with(|| {
             let mut conn = Conn::new(state);
             conn.adopted = true;
+            conn.unverified = true;
             conn.frames = Some(frames);
             conn
         });
+    }
+
+    /// Adopted connections whose queues are still to be checked, and that have been quiet for
+    /// `quiet_ns` (no byte either way, no read, no write), so that their queues hold still while
+    /// they are compared.
+    pub fn unverified_quiet(&self, now_ns: u64, quiet_ns: u64) -> Vec<u64> {
+        let quiet = |s: &ConnState| {
+            let last = s.last_rx_ns.max(s.last_read_ns).max(s.last_write_ns).max(s.last_ack_ns);
+            now_ns.saturating_sub(last) >= quiet_ns
+        };
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.unverified && quiet(&c.state))
+            .map(|(cookie, _)| *cookie)
+            .collect()
+    }
+
+    /// Checks an adopted connection's queues against the kernel's (`recv_queue` and
+    /// `send_queue` from its socket table) and corrects what the counters missed.
+    pub fn verify_queues(&mut self, cookie: u64, recv_queue: u64, send_queue: u64) {
+        let Some(conn) = self.conns.get_mut(&cookie) else {
+            return;
+        };
+        let read = conn.state.recv_queue().saturating_sub(recv_queue);
+        let written = send_queue.saturating_sub(conn.state.send_queue());
+        if read > 0 || written > 0 {
+            debug!(cookie, read, written, "adopted connection's queues corrected");
+        }
+        conn.correction.read += read;
+        conn.correction.written += written;
+        conn.correction.apply(&mut conn.state);
+        conn.unverified = false;
     }
 
     /// Marks an adopted connection as the WebSocket an earlier run saw upgrade.
@@ -524,6 +582,7 @@ impl Tracker {
     pub fn close(&mut self, cookie: u64, state: ConnState, frames: WsState) {
         if let Some(mut conn) = self.conns.remove(&cookie) {
             conn.state = state;
+            conn.correction.apply(&mut conn.state);
             if frames != WsState::default() {
                 conn.frames = Some(frames);
             }
@@ -533,7 +592,7 @@ impl Tracker {
 
     /// Gives the first `limit` server ports seen (watched ones aside) a `port` label of their own.
     pub fn limit_port_labels(&mut self, limit: usize) {
-        self.aggregates.ports = PortLabels::new(limit);
+        self.aggregates.ports.set_limit(limit);
     }
 
     /// Whether the connection is reported: WebSocket, or on a watched port.
@@ -560,6 +619,7 @@ impl Tracker {
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
                     conn.state = state;
+                    conn.correction.apply(&mut conn.state);
                     if conn.upgrade.is_some() || conn.adopted {
                         conn.frames = frames(cookie).or(conn.frames);
                         take_frame_counts(&mut self.aggregates, conn);
@@ -1129,6 +1189,31 @@ mod tests {
         let agg = t.aggregates();
         assert_eq!(agg.closes[&((8080, "server"), "1000".to_owned(), "local")], 1);
         assert_eq!(agg.connections[&((8080, "server"), Outcome::Abort)], 1);
+    }
+
+    #[test]
+    fn adopted_queues_are_corrected_once_the_connection_is_quiet() {
+        let mut t = tracker();
+        // Adopted with 100 bytes received and none unread; 10 more arrived and were read
+        // before the entry existed: the kernel's count has them, the read count does not.
+        let mut s = server(8080, true);
+        s.flags |= flags::ADOPTED;
+        s.tcp_bytes_received = 110;
+        s.received_origin = 100;
+        s.last_rx_ns = S;
+        t.adopt(5, s, WsState::default());
+        t.sync([(5, s)], |_| None);
+        assert!(t.unverified_quiet(S + S / 10, S).is_empty(), "not quiet yet");
+        assert_eq!(t.unverified_quiet(3 * S, S), vec![5]);
+        assert_eq!(t.refresh(3 * S)[0].recv_queue_bytes, 10);
+        t.verify_queues(5, 0, 0);
+        assert!(t.unverified_quiet(4 * S, S).is_empty());
+        t.sync([(5, s)], |_| None);
+        assert_eq!(t.refresh(4 * S)[0].recv_queue_bytes, 0);
+        // Later bytes count as before.
+        s.tcp_bytes_received = 150;
+        t.sync([(5, s)], |_| None);
+        assert_eq!(t.refresh(5 * S)[0].recv_queue_bytes, 40);
     }
 
     #[test]

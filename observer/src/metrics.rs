@@ -50,6 +50,11 @@ impl PortLabels {
         Self { limit, labelled: BTreeSet::new(), folded: BTreeSet::new() }
     }
 
+    /// Changes the limit; ports already labelled keep their label.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// The `port` label value for a connection end of server `port`.
     pub fn label(&mut self, port: u16, watched: bool) -> u16 {
         if watched || self.labelled.contains(&port) {
