@@ -43,7 +43,8 @@ pub struct WatchArgs {
     #[arg(long, env = "OBSERVER_IDLE_AFTER", default_value = "60s", value_parser = duration)]
     pub idle_after: Duration,
 
-    /// Bytes left unread in the receive queue for this long mean the application is not reading.
+    /// How long bytes may wait before a verdict: unread in the receive queue (not_reading), or
+    /// unacknowledged in the send queue (backpressured, peer_unresponsive).
     #[arg(long, env = "OBSERVER_STALL_AFTER", default_value = "10s", value_parser = duration)]
     pub stall_after: Duration,
 
@@ -228,8 +229,15 @@ impl WatchArgs {
                 observer_common::MAX_WATCHED_PORTS
             ));
         }
-        if self.refresh.is_zero() {
-            return Err("--refresh must be longer than zero".into());
+        for (flag, value) in [
+            ("--refresh", self.refresh),
+            ("--idle-after", self.idle_after),
+            ("--stall-after", self.stall_after),
+            ("--pong-timeout", self.pong_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{flag} must be longer than zero"));
+            }
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());

@@ -19,14 +19,18 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
     connections
         .sort_by(|a, b| (a.state, a.port, &a.local_addr).cmp(&(b.state, b.port, &b.local_addr)));
 
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &connections)?;
-        writeln!(out)?;
+    let text = if args.json {
+        let mut json = serde_json::to_string_pretty(&connections)?;
+        json.push('\n');
+        json
     } else {
-        out.write_all(table(&connections).as_bytes())?;
+        table(&connections)
+    };
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // The reader went away (`observer list | head`): what it wanted, it has.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => Ok(result?),
     }
-    Ok(())
 }
 
 fn age(seconds: Option<f64>) -> String {
