@@ -574,8 +574,10 @@ pub fn findings(service: &Service, settings: &Settings) -> Vec<Finding> {
                 "warning",
                 "no heartbeat in either direction".to_owned(),
                 format!(
-                    "no ping either way; data kept connections busy so far (longest silence {})",
-                    secs(silence)
+                    "no ping either way; the longest silence seen so far, {}, is under the \
+                     shortest idle timeout ({})",
+                    secs(silence),
+                    timeout(shortest)
                 ),
                 format!(
                     "a quiet spell longer than {} will cut them silently: add a ping every \

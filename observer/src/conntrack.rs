@@ -574,7 +574,7 @@ impl Tracker {
     }
 
     /// The connections whose upgrade was seen, by this run or an earlier one.
-    pub fn upgrades(&self) -> impl Iterator<Item = (u64, &Upgrade)> {
+    pub fn upgrades(&self) -> impl Iterator<Item = (u64, &Upgrade)> + Clone {
         self.conns.iter().filter_map(|(cookie, conn)| Some((*cookie, conn.upgrade.as_ref()?)))
     }
 

@@ -88,9 +88,15 @@ impl StateFile {
     }
 
     /// Writes `upgrades` when the set of cookies differs from the last one written.
-    pub fn save<'a>(&mut self, upgrades: impl IntoIterator<Item = (u64, &'a Upgrade)>) {
+    pub fn save<'a>(&mut self, upgrades: impl Iterator<Item = (u64, &'a Upgrade)> + Clone) {
+        // Compared by cookies alone, before anything is copied: most refreshes change nothing.
+        let fingerprint = upgrades.clone().fold((0, 0u64), |(n, acc), (cookie, _)| {
+            (n + 1, acc ^ cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        });
+        if self.written == Some(fingerprint) {
+            return;
+        }
         let mut websockets: Vec<SavedUpgrade> = upgrades
-            .into_iter()
             .map(|(cookie, u)| SavedUpgrade {
                 cookie,
                 path: u.path.split('?').next().unwrap_or_default().to_owned(),
@@ -98,15 +104,6 @@ impl StateFile {
                 extensions: u.extensions.clone(),
             })
             .collect();
-        let fingerprint = (
-            websockets.len(),
-            websockets
-                .iter()
-                .fold(0u64, |acc, s| acc ^ s.cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
-        if self.written == Some(fingerprint) {
-            return;
-        }
         websockets.sort_unstable_by_key(|s| s.cookie);
         let saved = Saved { boot_id: self.boot_id.clone(), websockets };
         match write_atomically(&self.path, &saved) {
@@ -154,7 +151,7 @@ mod tests {
         let mut file = StateFile::new(path.clone());
         assert!(file.load().is_empty(), "no file yet");
         let (a, b) = (upgrade("/feed?token=secret"), upgrade("/chat"));
-        file.save([(7, &a), (9, &b)]);
+        file.save([(7, &a), (9, &b)].into_iter());
         let text = fs::read_to_string(&path).unwrap();
         assert!(!text.contains("secret"), "{text}");
         let loaded = StateFile::new(path.clone()).load();
@@ -164,9 +161,9 @@ mod tests {
 
         // The same set is not written again; a changed one is.
         fs::remove_file(&path).unwrap();
-        file.save([(9, &b), (7, &a)]);
+        file.save([(9, &b), (7, &a)].into_iter());
         assert!(!path.exists());
-        file.save([(9, &b)]);
+        file.save([(9, &b)].into_iter());
         assert_eq!(StateFile::new(path.clone()).load().len(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }
