@@ -114,16 +114,19 @@ impl Evictor {
         entries: impl Iterator<Item = &'a (u64, ConnState)>,
         websocket: &impl Fn(u64) -> bool,
     ) -> Vec<u64> {
-        let mut ranked: Vec<(bool, u64, u64)> = entries
-            .map(|(cookie, state)| (websocket(*cookie), last_activity_ns(state), *cookie))
-            .collect();
+        let entries: Vec<_> = entries.collect();
         let usage = &mut self.usage[map as usize];
-        usage.entries = ranked.len() as u64;
+        usage.entries = entries.len() as u64;
         let capacity = u64::from(usage.capacity);
         let (high, low) = (capacity * 9 / 10, capacity * 8 / 10);
         if usage.entries <= high {
             return Vec::new();
         }
+        // Ranked only when something must go: most refreshes stop above.
+        let mut ranked: Vec<(bool, u64, u64)> = entries
+            .into_iter()
+            .map(|(cookie, state)| (websocket(*cookie), last_activity_ns(state), *cookie))
+            .collect();
         let excess = (usage.entries - low) as usize;
         // Not WebSocket before WebSocket, then the longest idle first.
         ranked.select_nth_unstable(excess - 1);
