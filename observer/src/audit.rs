@@ -439,9 +439,13 @@ fn service(key: ServiceKey, ends: &[&End], settings: &Settings, now_ns: u64) -> 
     };
 
     let side = |s: Side| {
+        // Pings seen at the same instant crossed in one segment: a retransmission that gathered
+        // pings sent earlier (a cut link), not a ping rate.
         let mut intervals: Vec<f64> = reported
             .iter()
-            .flat_map(|e| e.pings[s as usize].windows(2).map(|w| (w[1] - w[0]) as f64 / 1e9))
+            .flat_map(|e| e.pings[s as usize].windows(2).map(|w| w[1].saturating_sub(w[0])))
+            .filter(|&ns| ns > SAME_SEGMENT_NS)
+            .map(|ns| ns as f64 / 1e9)
             .collect();
         PingStats {
             pings: reported.iter().map(|e| e.pings[s as usize].len() as u64).sum(),
@@ -700,6 +704,9 @@ fn severity_rank(severity: &str) -> u8 {
         _ => 2,
     }
 }
+
+/// Pings closer than this came in one segment.
+const SAME_SEGMENT_NS: u64 = 1_000_000;
 
 /// The ping interval to recommend: half the shortest idle timeout, in whole seconds past 2 s.
 fn ping_every(shortest: f64) -> String {

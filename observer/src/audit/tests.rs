@@ -354,3 +354,23 @@ fn json_report_round_trips() {
     assert_eq!(value["findings"][0]["kind"], "no_heartbeat");
     assert_eq!(value["findings"][1]["kind"], "dead_connections");
 }
+
+#[test]
+fn pings_gathered_in_one_retransmitted_segment_are_not_an_interval() {
+    let mut audit = Audit::new(settings());
+    // Pings a second apart, then three that a retransmission carried together.
+    audit.notes([
+        ping(1, "server", 10 * S, Direction::Egress),
+        ping(1, "server", 11 * S, Direction::Egress),
+        ping(1, "server", 20 * S, Direction::Egress),
+        ping(1, "server", 20 * S, Direction::Egress),
+        ping(1, "server", 20 * S + 1000, Direction::Egress),
+    ]);
+    audit.refresh(&[view(1, "server", 30.0, 10.0)], 0);
+    let report = report(&audit);
+    let from_server = &report.services[0].heartbeat.from_server;
+    assert_eq!(from_server.pings, 5);
+    // Intervals of 1 s and 9 s; none of the zero ones.
+    assert_eq!(from_server.interval_p10_seconds, Some(1.0));
+    assert!(from_server.interval_median_seconds.unwrap() >= 1.0);
+}
