@@ -657,9 +657,15 @@ impl Tracker {
             let mut judgement =
                 judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
             if let Some(age) = conn.unanswered_ping_ns(now_ns) {
-                judgement
-                    .detail
-                    .push_str(&format!("; a ping unanswered for {:.0} s", age as f64 / 1e9));
+                let age = age as f64 / 1e9;
+                judgement.detail.push_str(&if conn.pongs == 0 && conn.pings > 1 {
+                    format!(
+                        "; a ping unanswered for {age:.0} s, and no pong to any of {} pings",
+                        conn.pings
+                    )
+                } else {
+                    format!("; a ping unanswered for {age:.0} s")
+                });
             }
             if let Some(closing) = conn.unanswered_close(now_ns) {
                 judgement.detail.push_str("; ");
@@ -1117,6 +1123,20 @@ mod tests {
         });
         assert!(text.contains("websocket_connections_active{port=\"other\",role=\"server\"} 1"));
         assert!(!text.contains("port=\"8003\""));
+    }
+
+    #[test]
+    fn a_peer_that_never_pongs_is_named_as_such() {
+        let mut t = tracker();
+        upgraded(&mut t, 3, server(8080, false));
+        for at in [1, 2, 3] {
+            t.frame(3, &control(Direction::Egress, opcode::PING, at * S, 0));
+        }
+        let detail = &t.refresh(20 * S)[0].detail;
+        assert!(
+            detail.ends_with("; a ping unanswered for 19 s, and no pong to any of 3 pings"),
+            "{detail}"
+        );
     }
 
     #[test]
