@@ -8,12 +8,14 @@ those fleets ran, and checks that the agent reports what a correct observer must
   library gives up (Python `websockets`, code 1011);
 - C09: a closing handshake the peer never answers (Python `websockets` server with a 3 s close
   timeout, a raw client that reads nothing after the 101);
+- C22: reads that block for seconds in 64 threads at once, each counted when it returns;
 - C12: an upgrade request split across writes, with an 8 KiB cookie and the first frame in the
   same write as its last bytes, against an aiohttp server.
 
 Peers run in a network namespace of their own; every wait has a deadline.
 """
 
+import signal
 import sys
 
 from conftest import PEERS, Netns, wait_for
@@ -173,3 +175,33 @@ def test_c09_close_frame_never_answered_until_the_close_timeout(netns, agent_fac
     assert 'closing_handshake="never answered"' in agent.read_log()
     # The client keeps its end open after the server's FIN.
     assert end(agent, port, "client")["tcp_state"] == "CLOSE_WAIT"
+
+
+def test_c22_reads_that_block_long_are_all_counted(netns, agent_factory):
+    """64 threads block in recv() for seconds, each on its own connection, while another
+    connection carries traffic; when the bytes come, every read is counted."""
+    port, busy, n = 7605, 7606, 64
+    agent = agent_factory(*FLAGS, "--port", port)
+    server = netns.spawn(sys.executable, PEERS / "blocked_readers.py", "server", port, n, ready=None)
+    wait_for("the server listening", lambda: f":{port}" in netns.run("ss", "-tlnH"), timeout=10)
+    clients = netns.spawn(sys.executable, PEERS / "blocked_readers.py", "clients", port, n)
+    Netns.expect(server, "ready")
+    wait_for("every end reported", lambda: len(agent.connections(port)) == 2 * n, timeout=5)
+
+    # Other traffic while the reads block.
+    netns.python_peer("server", busy)
+    netns.python_peer("client", f"ws://127.0.0.1:{busy}/", "chatty")
+    # Ten messages at one per 200 ms: the reads have blocked for two seconds at least.
+    wait_for("ten busy messages", lambda: messages(agent, busy, "client", "out", "text") >= 10, timeout=10)
+    server.send_signal(signal.SIGUSR1)
+    Netns.expect(clients, "done", timeout=10)
+
+    def all_read():
+        readers = [c for c in agent.connections(port) if c["role"] == "client"]
+        return len(readers) == n and all(
+            c["bytes_received"] == 1000 and c["recv_queue_bytes"] == 0 for c in readers
+        ) and readers
+
+    readers = wait_for("every reader's 1000 bytes counted as read", all_read, timeout=REFRESH + SLACK)
+    assert all(c["last_read_age_seconds"] is not None for c in readers)
+    assert all(recv == 0 for recv, _ in netns.ss_queues(port).values())
