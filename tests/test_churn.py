@@ -5,6 +5,7 @@ Each run holds watched connections open (the ones that must stay reported), hold
 plain TCP connections (the ones worth evicting), and opens and resets a few thousand connections
 a second on a watched port for 30 s."""
 
+import re
 import signal
 import sys
 import time
@@ -47,7 +48,8 @@ def run_churn(netns, agent, stall_agent):
         finally:
             agent.proc.send_signal(signal.SIGCONT)
     netns.expect(churner, "done", timeout=CHURN_SECONDS + 30)
-    made = int(churner.seen.split(b"done", 1)[1].split()[0])
+    # Printed on a line before `done`, so it is whole by now.
+    made = int(re.search(rb"made=(\d+)", churner.seen).group(1))
     print(f"churn made {made} connections in {CHURN_SECONDS} s")
     return made
 

@@ -4,8 +4,8 @@
     churn.py hold-server PORT        accepts connections and keeps them open, silent
     churn.py hold PORT N             opens N connections to PORT and keeps them open, silent
     churn.py churn PORT RATE SECS    opens and resets up to RATE connections a second for SECS
-                                     seconds, then prints `done N F` (N connections made,
-                                     F refused or reset while connecting)
+                                     seconds, then prints `made=N failed=F` (F refused
+                                     or reset while connecting) and `done`
 
 Resets rather than FIN: no TIME_WAIT, so ephemeral ports never run out. Each prints `ready` once
 listening, or once its connections are open or the churn has begun.
@@ -68,7 +68,8 @@ def churn(port, rate, seconds):
             sock.close()
             made += 1
         time.sleep(0.01)
-    say("done", made, failed)
+    say(f"made={made} failed={failed}")
+    say("done")
     threading.Event().wait()
 
 
