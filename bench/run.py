@@ -223,6 +223,8 @@ class Agent:
         self.base = f"http://127.0.0.1:{port}"
         self.log = open(LOGS / f"agent-{name}.log", "w")
         argv = [OBSERVER, "run", "--metrics-addr", f"127.0.0.1:{port}", *map(str, args)]
+        # Its own state file, beside its log: never the host's /run/observer.
+        argv += ["--state-file", str(LOGS / f"agent-{name}.state.json")]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         RES.agents.append(self)
         RES.remember_pid(self.proc.pid)
