@@ -88,12 +88,20 @@ def never(agent, port, role, verdicts, duration):
         time.sleep(REFRESH / 2)
 
 
+def nothing_in_flight(link, port):
+    queues = list(link.srv.ss_queues(port).values()) + list(link.cli.ss_queues(port).values())
+    return len(queues) == 2 and all(send_q == 0 for _, send_q in queues)
+
+
 def test_c01_peer_vanishing_while_idle_is_idle_not_dead(link, agent_factory):
     agent = agent_factory(*FLAGS)
     port = 8901
     link.srv.python_peer("server", port, "echo", SERVER_IP)
     link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "silent", ready="quiet")
     wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    # The last echo can be read before its (delayed) ACK leaves; cut only once both send queues
+    # are empty per `ss`, or that echo is rightly retransmitted into the void.
+    wait_for("nothing in flight", lambda: nothing_in_flight(link, port), 5)
     link.cut()
     cut_at = time.monotonic()
     # Nothing is in flight, so nothing can tell the peer is gone: idle, never dead.
