@@ -179,7 +179,7 @@ impl Watch {
         }
         let entries = self.kernel.read_conns();
         let frames = self.kernel.read_frames();
-        self.tracker.sync(entries.iter().copied(), |cookie| frames.get(&cookie).copied());
+        self.tracker.sync(entries.iter().copied(), frames);
         let tracker = &self.tracker;
         let plan = self.evictor.plan(&entries, |cookie| tracker.reported(cookie));
         evict(&mut self.kernel, &mut self.tracker, &plan);

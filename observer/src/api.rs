@@ -71,7 +71,9 @@ async fn connections(State(shared): State<Arc<Shared>>) -> axum::response::Respo
     let Some(snapshot) = shared.current() else {
         return starting();
     };
-    Json(snapshot.connections.clone()).into_response()
+    let mut connections: Vec<&ConnectionView> = snapshot.connections.iter().collect();
+    connections.sort_by(|a, b| ConnectionView::worst_first(a, b));
+    Json(connections).into_response()
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> axum::response::Response {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::render::{markdown, text};
 use crate::{
-    conntrack::{ConnectionView, EndId, Note, NoteKind},
+    conntrack::{ConnectionView, EndId, Endpoint, Note, NoteKind},
     metrics::Outcome,
     verdict::{Verdict, human_ns},
 };
@@ -184,8 +184,8 @@ pub struct Dead {
     pub for_seconds: f64,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    pub local_addr: String,
-    pub remote_addr: String,
+    pub local_addr: Endpoint,
+    pub remote_addr: Endpoint,
 }
 
 /// One thing to fix.
@@ -224,8 +224,8 @@ struct End {
     comm: Option<String>,
     pod: Option<String>,
     path: Option<String>,
-    local_addr: String,
-    remote_addr: String,
+    local_addr: Endpoint,
+    remote_addr: Endpoint,
     /// Shown by the tracker (a WebSocket, or on a watched port), not only a refused upgrade.
     reported: bool,
     rejected: bool,
@@ -346,8 +346,8 @@ impl Audit {
                 end.pod = Some(format!("{ns}/{pod}"));
             }
             end.path = view.path.clone().or(end.path.take());
-            end.local_addr.clone_from(&view.local_addr);
-            end.remote_addr.clone_from(&view.remote_addr);
+            end.local_addr = view.local_addr;
+            end.remote_addr = view.remote_addr;
             end.close_code = view.close_code.or(end.close_code);
 
             // Silent since the last byte either way; the connection's age bounds it.
@@ -371,8 +371,8 @@ impl Audit {
                         for_seconds: view.state_age_seconds,
                         pid: view.pid,
                         comm: view.comm.clone(),
-                        local_addr: view.local_addr.clone(),
-                        remote_addr: view.remote_addr.clone(),
+                        local_addr: view.local_addr,
+                        remote_addr: view.remote_addr,
                     });
                 }
             }

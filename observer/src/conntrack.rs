@@ -3,9 +3,12 @@
 //! feeds.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
-    collections::{BTreeSet, HashMap, hash_map::Entry},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    collections::{HashMap, hash_map::Entry},
+    fmt,
+    net::{AddrParseError, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
     time::Duration,
 };
 
@@ -81,12 +84,47 @@ pub enum NoteKind {
     },
 }
 
-/// One connection end as `/connections` shows it.
+/// A socket address, shown as `ip:port` or `[ip6]:port` but kept as numbers: every refresh
+/// builds a view of each connection end, and formatting two addresses per end was a good part
+/// of its cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Endpoint(pub SocketAddr);
+
+impl ConnectionView {
+    /// The order of `/connections`: worst verdict first, then by port and local address.
+    pub fn worst_first(a: &Self, b: &Self) -> std::cmp::Ordering {
+        (a.state, a.port, a.local_addr).cmp(&(b.state, b.port, b.local_addr))
+    }
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
+
+/// One connection end as `/connections` shows it. Fields that take few values are static
+/// strings when the agent builds the view, owned only when read back from JSON.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionView {
-    pub local_addr: String,
-    pub remote_addr: String,
-    pub role: String,
+    pub local_addr: Endpoint,
+    pub remote_addr: Endpoint,
+    pub role: Cow<'static, str>,
     /// The server port: local for `server`, remote for `client`.
     pub port: u16,
     /// The `port` label of its metrics: `port`, or [`metrics::OTHER_PORTS`] past the limit.
@@ -96,13 +134,13 @@ pub struct ConnectionView {
     pub comm: Option<String>,
     pub websocket: bool,
     /// `websocket`, `http`, `tls`, `h2` or `unknown`, from the first bytes.
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     pub state: Verdict,
     /// One sentence of evidence for the verdict.
     pub detail: String,
     /// Seconds since the verdict last changed.
     pub state_age_seconds: f64,
-    pub tcp_state: String,
+    pub tcp_state: Cow<'static, str>,
     pub age_seconds: f64,
     pub last_send_age_seconds: Option<f64>,
     pub last_recv_age_seconds: Option<f64>,
@@ -214,6 +252,8 @@ struct Conn {
     correction: QueueCorrection,
     /// Found already open rather than seen being established.
     adopted: bool,
+    /// The last [`Tracker::sync`] pass that found its kernel entry.
+    synced: u64,
 }
 
 impl Conn {
@@ -241,6 +281,7 @@ impl Conn {
             unverified: false,
             correction: QueueCorrection::default(),
             adopted: false,
+            synced: 0,
         }
     }
 
@@ -343,6 +384,8 @@ pub struct Tracker {
     thresholds: Thresholds,
     pong_timeout_ns: u64,
     conns: HashMap<u64, Conn>,
+    /// Passes of [`Tracker::sync`] so far.
+    sync_pass: u64,
     aggregates: Aggregates,
     /// Events kept for [`Tracker::take_notes`]; `None` when nobody asked for them.
     notes: Option<Vec<Note>>,
@@ -354,6 +397,7 @@ impl Tracker {
             thresholds,
             pong_timeout_ns: pong_timeout.as_nanos() as u64,
             conns: HashMap::new(),
+            sync_pass: 0,
             aggregates: Aggregates::default(),
             notes: None,
         }
@@ -607,29 +651,48 @@ impl Tracker {
 
     /// Brings the table in line with the kernel's entries: refreshes counters, adopts watched
     /// connections whose open event was lost, and closes those whose close event was lost.
-    /// `frames` fetches a WebSocket connection's frame tracking.
+    /// `frames` is the kernel's frame tracking, by connection.
     pub fn sync(
         &mut self,
         entries: impl IntoIterator<Item = (u64, ConnState)>,
-        frames: impl Fn(u64) -> Option<WsState>,
+        frames: impl IntoIterator<Item = (u64, WsState)>,
     ) {
-        let mut seen = BTreeSet::new();
+        // Each entry marks its connection with this pass's number; the unmarked ones are gone.
+        self.sync_pass += 1;
+        let pass = self.sync_pass;
         for (cookie, state) in entries {
-            seen.insert(cookie);
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
                     conn.state = state;
                     conn.correction.apply(&mut conn.state);
-                    if conn.upgrade.is_some() || conn.adopted {
-                        conn.frames = frames(cookie).or(conn.frames);
-                        take_frame_counts(&mut self.aggregates, conn);
+                    conn.synced = pass;
+                }
+                None if state.flags & flags::WATCHED != 0 => {
+                    // Neither upgraded nor adopted yet: no frames to take below.
+                    self.open(cookie, state);
+                    if let Some(conn) = self.conns.get_mut(&cookie) {
+                        conn.synced = pass;
                     }
                 }
-                None if state.flags & flags::WATCHED != 0 => self.open(cookie, state),
                 None => {}
             }
         }
-        let gone: Vec<u64> = self.conns.keys().filter(|c| !seen.contains(c)).copied().collect();
+        for (cookie, ws) in frames {
+            if let Some(conn) = self.conns.get_mut(&cookie)
+                && conn.synced == pass
+                && (conn.upgrade.is_some() || conn.adopted)
+            {
+                conn.frames = Some(ws);
+            }
+        }
+        let mut gone = Vec::new();
+        for (&cookie, conn) in &mut self.conns {
+            if conn.synced != pass {
+                gone.push(cookie);
+            } else if conn.upgrade.is_some() || conn.adopted {
+                take_frame_counts(&mut self.aggregates, conn);
+            }
+        }
         for cookie in gone {
             if let Some(conn) = self.conns.remove(&cookie) {
                 self.finish(cookie, conn);
@@ -638,7 +701,8 @@ impl Tracker {
     }
 
     /// Recomputes every verdict at `now_ns`, counts pings whose pong is overdue, logs verdict
-    /// changes, and returns the reported connection ends, worst first.
+    /// changes, and returns the reported connection ends in no order: they are sorted
+    /// ([`ConnectionView::worst_first`]) only when someone asks for the list.
     pub fn refresh(&mut self, now_ns: u64) -> Vec<ConnectionView> {
         let mut views = Vec::new();
         for (&cookie, conn) in &mut self.conns {
@@ -693,9 +757,6 @@ impl Tracker {
             }
             views.push(view);
         }
-        views.sort_by(|a, b| {
-            (a.state, a.port, &a.local_addr).cmp(&(b.state, b.port, &b.local_addr))
-        });
         views
     }
 
@@ -737,7 +798,8 @@ impl Tracker {
                 pid = s.pid,
                 outcome = outcome.as_str(),
                 reason,
-                close_code = conn.close_code.unwrap_or(0),
+                // Left out when no close frame crossed.
+                close_code = conn.close_code,
                 closing_handshake = match conn.close_frames {
                     [true, true] => "completed",
                     [false, false] => "none",
@@ -849,19 +911,19 @@ fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> Connecti
         conn.frames.map_or(0, |ws| ws.dir[0].last_frame_ns.max(ws.dir[1].last_frame_ns));
     let upgrade = conn.upgrade.as_ref();
     ConnectionView {
-        local_addr: socket_addr(s.family, &s.local_addr, s.local_port).to_string(),
-        remote_addr: socket_addr(s.family, &s.remote_addr, s.remote_port).to_string(),
-        role: role_name(conn.role()).to_owned(),
+        local_addr: Endpoint(socket_addr(s.family, &s.local_addr, s.local_port)),
+        remote_addr: Endpoint(socket_addr(s.family, &s.remote_addr, s.remote_port)),
+        role: role_name(conn.role()).into(),
         port: server_port(s),
         metric_port: conn.series().0,
         pid: (s.pid != 0).then_some(s.pid),
         comm,
         websocket: conn.websocket(),
-        protocol: if conn.websocket() { "websocket" } else { conn.protocol }.to_owned(),
+        protocol: if conn.websocket() { "websocket" } else { conn.protocol }.into(),
         state: judgement.verdict,
         detail: judgement.detail,
         state_age_seconds: seconds(now_ns.saturating_sub(conn.verdict_since_ns)),
-        tcp_state: tcp_state_name(s.tcp_state).to_owned(),
+        tcp_state: tcp_state_name(s.tcp_state).into(),
         age_seconds: seconds(now_ns.saturating_sub(s.established_ns)),
         last_send_age_seconds: age(s.last_write_ns),
         last_recv_age_seconds: age(s.last_rx_ns),
@@ -1003,7 +1065,7 @@ mod tests {
         assert!(views[0].websocket);
         assert_eq!(views[0].protocol, "websocket");
         assert_eq!(views[0].path.as_deref(), Some("/ws"), "query string dropped");
-        assert_eq!(views[0].local_addr, "127.0.0.1:8080");
+        assert_eq!(views[0].local_addr.to_string(), "127.0.0.1:8080");
         let agg = t.aggregates();
         assert_eq!(agg.connections[&((8080, "server"), Outcome::Accept)], 1);
         assert_eq!(agg.handshake[&8080].count(), 1);
@@ -1050,7 +1112,7 @@ mod tests {
         t.chunk(5, Direction::Egress, 0, REQUEST, S, || Some(c));
         t.chunk(5, Direction::Ingress, 0, RESPONSE, S, || None);
         let views = t.refresh(2 * S);
-        assert_eq!((views[0].role.as_str(), views[0].port), ("client", 8080));
+        assert_eq!((&*views[0].role, views[0].port), ("client", 8080));
     }
 
     #[test]
@@ -1058,7 +1120,7 @@ mod tests {
         let mut t = tracker();
         let mut tls = server(9000, true);
         tls.flags = flags::WATCHED;
-        t.sync([(1, tls), (2, server(9001, false))], |_| None);
+        t.sync([(1, tls), (2, server(9001, false))], []);
         let hello = [0x16, 0x03, 0x01, 0x02, 0x00];
         assert_eq!(
             t.chunk(1, Direction::Ingress, 0, &hello, S, || None),
@@ -1068,7 +1130,7 @@ mod tests {
         assert_eq!(views.len(), 1);
         assert!(!views[0].websocket);
         assert_eq!(views[0].protocol, "tls");
-        t.sync([], |_| None);
+        t.sync([], []);
         assert_eq!(t.aggregates().connections[&((9000, "server"), Outcome::Abort)], 1);
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), "h2");
     }
@@ -1222,17 +1284,17 @@ mod tests {
         s.received_origin = 100;
         s.last_rx_ns = S;
         t.adopt(5, s, WsState::default());
-        t.sync([(5, s)], |_| None);
+        t.sync([(5, s)], []);
         assert!(t.unverified_quiet(S + S / 10, S).is_empty(), "not quiet yet");
         assert_eq!(t.unverified_quiet(3 * S, S), vec![5]);
         assert_eq!(t.refresh(3 * S)[0].recv_queue_bytes, 10);
         t.verify_queues(5, 0, 0);
         assert!(t.unverified_quiet(4 * S, S).is_empty());
-        t.sync([(5, s)], |_| None);
+        t.sync([(5, s)], []);
         assert_eq!(t.refresh(4 * S)[0].recv_queue_bytes, 0);
         // Later bytes count as before.
         s.tcp_bytes_received = 150;
-        t.sync([(5, s)], |_| None);
+        t.sync([(5, s)], []);
         assert_eq!(t.refresh(5 * S)[0].recv_queue_bytes, 40);
     }
 
@@ -1264,10 +1326,10 @@ mod tests {
         ws.dir[0].last_data_ns = 2 * S;
         ws.dir[1].frames[kind::PING] = 9;
         ws.dir[1].last_frame_ns = 100 * S;
-        t.sync([(6, s)], |_| Some(ws));
-        t.sync([(6, s)], |_| Some(ws));
+        t.sync([(6, s)], [(6, ws)]);
+        t.sync([(6, s)], [(6, ws)]);
         ws.dir[0].frames[kind::TEXT] = 7;
-        t.sync([(6, s)], |_| Some(ws));
+        t.sync([(6, s)], [(6, ws)]);
         let agg = t.aggregates();
         assert_eq!(agg.messages[&((8080, "server"), "in", kind::TEXT)], 7);
         assert_eq!(agg.messages[&((8080, "server"), "out", kind::PING)], 9);
@@ -1289,7 +1351,7 @@ mod tests {
                 extensions.map(str::to_owned);
             let mut ws = WsState::default();
             ws.dir[0].rsv1_frames = 2;
-            t.sync([(8, s)], |_| Some(ws));
+            t.sync([(8, s)], [(8, ws)]);
             assert_eq!(
                 t.aggregates().violations.get(&(8080, "server")),
                 expected,
@@ -1307,5 +1369,22 @@ mod tests {
         assert_eq!(socket_addr(10, &addr, 80).to_string(), "10.0.0.1:80");
         let v6 = Ipv6Addr::LOCALHOST.octets();
         assert_eq!(socket_addr(10, &v6, 80).to_string(), "[::1]:80");
+    }
+
+    #[test]
+    fn views_read_back_from_json_as_they_were() {
+        let view = ConnectionView {
+            local_addr: "[::1]:8080".parse().unwrap(),
+            remote_addr: "10.0.0.1:41000".parse().unwrap(),
+            role: "server".into(),
+            tcp_state: "ESTABLISHED".into(),
+            ..ConnectionView::default()
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["local_addr"], "[::1]:8080");
+        assert_eq!(json["remote_addr"], "10.0.0.1:41000");
+        assert_eq!(json["role"], "server");
+        let back: ConnectionView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, view);
     }
 }

@@ -215,8 +215,8 @@ impl Kernel {
     }
 
     /// The frame tracking of every connection in `FRAMES`.
-    pub fn read_frames(&self) -> std::collections::HashMap<u64, WsState> {
-        self.read_all(&self.frames_fd, &self.frames).into_iter().collect()
+    pub fn read_frames(&self) -> Vec<(u64, WsState)> {
+        self.read_all(&self.frames_fd, &self.frames)
     }
 
     /// A whole map, in batches when the kernel can, else key by key.

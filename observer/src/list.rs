@@ -16,8 +16,7 @@ pub fn run(args: &ListArgs) -> anyhow::Result<()> {
         .context("reading the agent's answer")?;
     let mut connections: Vec<ConnectionView> =
         serde_json::from_str(&body).context("the agent's answer is not a connection list")?;
-    connections
-        .sort_by(|a, b| (a.state, a.port, &a.local_addr).cmp(&(b.state, b.port, &b.local_addr)));
+    connections.sort_by(ConnectionView::worst_first);
 
     let text = if args.json {
         let mut json = serde_json::to_string_pretty(&connections)?;
@@ -64,9 +63,9 @@ pub fn table(connections: &[ConnectionView]) -> String {
     for c in connections {
         rows.push([
             c.state.to_string(),
-            c.role.clone(),
-            c.local_addr.clone(),
-            c.remote_addr.clone(),
+            c.role.to_string(),
+            c.local_addr.to_string(),
+            c.remote_addr.to_string(),
             c.pid.map_or("-".into(), |p| p.to_string()),
             c.comm.clone().unwrap_or_else(|| "-".into()),
             c.send_queue_bytes.to_string(),

@@ -613,7 +613,7 @@ mod tests {
 
     fn conn(port: u16, role: &str, state: Verdict, sendq: u64, recvq: u64) -> ConnectionView {
         ConnectionView {
-            role: role.into(),
+            role: role.to_owned().into(),
             port,
             metric_port: port,
             state,

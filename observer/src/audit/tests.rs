@@ -34,12 +34,14 @@ fn ping(cookie: u64, role: &'static str, at_ns: u64, direction: Direction) -> No
 fn view(cookie: u64, role: &str, age: f64, silent: f64) -> ConnectionView {
     ConnectionView {
         cookie,
-        role: role.into(),
+        role: role.to_owned().into(),
         port: 8080,
         pid: Some(42),
         comm: Some("chat".into()),
-        local_addr: format!("127.0.0.1:{}", if role == "server" { 8080 } else { 50000 }),
-        remote_addr: "127.0.0.1:50000".into(),
+        local_addr: format!("127.0.0.1:{}", if role == "server" { 8080 } else { 50000 })
+            .parse()
+            .unwrap(),
+        remote_addr: "127.0.0.1:50000".parse().unwrap(),
         websocket: true,
         age_seconds: age,
         last_send_age_seconds: Some(silent),
@@ -299,8 +301,8 @@ fn fixed_report() -> Report {
     frozen.port = 9000;
     frozen.pid = Some(7);
     frozen.comm = Some("feed".into());
-    frozen.local_addr = "10.0.0.5:9000".into();
-    frozen.remote_addr = "10.0.0.9:41000".into();
+    frozen.local_addr = "10.0.0.5:9000".parse().unwrap();
+    frozen.remote_addr = "10.0.0.9:41000".parse().unwrap();
     frozen.path = Some("/feed".into());
     frozen.state = Verdict::NotReading;
     frozen.state_age_seconds = 400.0;
