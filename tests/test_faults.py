@@ -240,9 +240,15 @@ def test_c09_half_closed_socket_left_open_becomes_half_closed(netns, agent_facto
         timeout=5,
     )
     assert server["state"] != "half_closed"
+    # The FIN is named within a refresh; the verdict waits for the idle threshold.
+    wait_for(
+        "the half-close named in the detail",
+        lambda: "closed its side" in end(agent, port, "server")["detail"],
+        timeout=REFRESH + SLACK,
+    )
     server = verdict_within(agent, port, "server", "half_closed", IDLE + REFRESH + SLACK + 1)
     detected("C09 peer FIN, socket left open", "half_closed", fin_at)
-    assert "closed its side" in server["detail"]
+    assert "CLOSE_WAIT leak" in server["detail"]
 
 
 def test_c24_identical_tuples_in_two_namespaces_and_ipv6(agent_factory):

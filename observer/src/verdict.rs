@@ -181,13 +181,14 @@ pub fn judge(
         return judged(Verdict::NotReading, detail);
     }
 
-    let half_closed = at(state.state_changed_ns);
-    if state.tcp_state == TCP_CLOSE_WAIT && half_closed >= idle {
+    // The peer's FIN is news at once; the socket left open past the idle threshold is a leak.
+    let half_closed = (state.tcp_state == TCP_CLOSE_WAIT).then(|| at(state.state_changed_ns));
+    if let Some(since_fin) = half_closed.filter(|&ns| ns >= idle) {
         return judged(
             Verdict::HalfClosed,
             format!(
-                "the peer closed its side {} ago and the socket is still open",
-                human_ns(half_closed)
+                "the peer closed its side {} ago and the socket is still open: a CLOSE_WAIT leak",
+                human_ns(since_fin)
             ),
         );
     }
@@ -195,11 +196,18 @@ pub fn judge(
     let last_data = data_activity_ns
         .unwrap_or_else(|| state.last_write_ns.max(state.last_rx_ns).max(state.established_ns));
     let quiet = since(now_ns, last_data);
-    if quiet >= idle {
+    let mut judgement = if quiet >= idle {
         judged(Verdict::Idle, format!("no application data either way for {}", human_ns(quiet)))
     } else {
         judged(Verdict::Active, format!("application data {} ago", human_ns(quiet)))
+    };
+    if let Some(since_fin) = half_closed {
+        judgement.detail.push_str(&format!(
+            "; the peer closed its side {} ago, the local end is still open",
+            human_ns(since_fin)
+        ));
     }
+    judgement
 }
 
 /// How a connection ended, for `websocket_connections_closed_total{reason}`.
@@ -377,8 +385,17 @@ mod tests {
         c.tcp_state = TCP_CLOSE_WAIT;
         c.state_changed_ns = 130 * S;
         c.last_rx_ns = 130 * S;
+        let early = judge(&c, None, 131 * S, &T);
+        assert_eq!(early.verdict, Verdict::Active);
+        assert!(
+            early
+                .detail
+                .ends_with("; the peer closed its side 1 s ago, the local end is still open")
+        );
         assert_eq!(judge(&c, None, 189 * S, &T).verdict, Verdict::Active);
-        assert_eq!(judge(&c, None, 190 * S, &T).verdict, Verdict::HalfClosed);
+        let late = judge(&c, None, 190 * S, &T);
+        assert_eq!(late.verdict, Verdict::HalfClosed);
+        assert!(late.detail.ends_with("a CLOSE_WAIT leak"), "{}", late.detail);
     }
 
     #[test]
