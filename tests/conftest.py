@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "tests" / "peers"
 NODE = ROOT / "tests" / "node"
 OBSERVER = os.environ.get("OBSERVER_BIN", str(ROOT / "target" / "release" / "observer"))
+# Built by `cargo xtask test` from tests/peers/tungstenite.
+TUNGSTENITE_PEER = os.environ.get("TUNGSTENITE_PEER", str(ROOT / "target" / "release" / "tungstenite-peer"))
 
 
 def wait_for(what, predicate, timeout, interval=0.1):

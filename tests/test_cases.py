@@ -5,7 +5,8 @@ those fleets ran, and checks that the agent reports what a correct observer must
 
 - C06: pings that are never answered, by a server that does not pong at all (Autobahn|Python
   with an `onPing` that does nothing), and the keepalive close that follows them when the pinging
-  library gives up (Python `websockets`, code 1011);
+  library gives up (Python `websockets`, code 1011), and by a tokio-tungstenite server that never
+  polls its stream, whose unread pings also make it `not_reading`;
 - C09: a closing handshake the peer never answers (Python `websockets` server with a 3 s close
   timeout, a raw client that reads nothing after the 101);
 - C22: reads that block for seconds in 64 threads at once, each counted when it returns;
@@ -18,9 +19,10 @@ Peers run in a network namespace of their own; every wait has a deadline.
 import signal
 import sys
 
-from conftest import PEERS, Netns, wait_for
+from conftest import PEERS, TUNGSTENITE_PEER, Netns, wait_for
 
 FLAGS = ("--idle-after", "2s", "--stall-after", "2s", "--refresh", "250ms", "--pong-timeout", "1s")
+STALL = 2.0
 REFRESH = 0.25
 PONG_TIMEOUT = 1.0
 PING_INTERVAL = 0.5  # the Python clients' keepalive
@@ -104,6 +106,37 @@ def test_c06_keepalive_timeout_closes_with_1011(netns, agent_factory):
     for role in ("client", "server"):
         assert agent.metric("websocket_connections_closed_total", port=port, role=role, reason="clean") == 1, role
     assert agent.metric("websocket_connections_active", port=port, role="client") in (None, 0)
+
+
+def test_c06_tungstenite_server_that_never_polls_its_stream(netns, agent_factory):
+    """A tokio-tungstenite handler that never polls its stream: tungstenite answers pings only
+    while reading, so the pings are missed at the client while their bytes, acknowledged by the
+    server's kernel, wait unread in its receive queue."""
+    agent = agent_factory(*FLAGS)
+    port = 7607
+    server_proc = netns.spawn(TUNGSTENITE_PEER, port)
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/", "pinger")
+    Netns.expect(server_proc, "upgraded", timeout=5)
+
+    client = wait_for(
+        "a missed pong at the client",
+        lambda: (c := end(agent, port, "client")) and c["pong_missed"] >= 1 and c,
+        timeout=PING_INTERVAL + PONG_TIMEOUT + REFRESH + SLACK,
+    )
+    assert client["pongs"] == 0 and "ping unanswered" in client["detail"], client["detail"]
+    # The transport is healthy: every ping was acknowledged.
+    assert client["send_queue_bytes"] == 0 and client["retransmits"] == 0
+    # The server side: the pings' bytes sit unread, and the end is named for it.
+    server = wait_for(
+        "the server end not reading",
+        lambda: (e := end(agent, port, "server")) and e["state"] == "not_reading" and e,
+        timeout=STALL + REFRESH + SLACK,
+    )
+    assert "unread" in server["detail"], server["detail"]
+    recv_q, _ = netns.ss_queues(port)[(server["local_addr"], server["remote_addr"])]
+    # A ping (10 bytes) may arrive between the agent's refresh and `ss`.
+    assert 0 < server["recv_queue_bytes"] <= recv_q <= server["recv_queue_bytes"] + 64
+    assert server["pings"] >= 1 and messages(agent, port, "server", "out", "pong") == 0
 
 
 def test_c12_split_upgrade_with_big_cookie_and_pipelined_frame_to_aiohttp(netns, agent_factory):

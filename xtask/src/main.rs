@@ -248,12 +248,15 @@ fn test(root: &Path, pytest_args: &[OsString]) -> anyhow::Result<()> {
     require_root("the privileged tests load kernel programs and create network namespaces")?;
     let binary = build(root)?;
     let python = test_peers(root)?;
+    step("building the tokio-tungstenite test peer");
+    sh(Command::new("cargo").args(["build", "--release", "--package", "tungstenite-peer"]))?;
     prometheus_tools()?;
     step("privileged tests against real peers");
     sh(Command::new(python)
         .args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
         .args(pytest_args)
-        .env("OBSERVER_BIN", binary))?;
+        .env("OBSERVER_BIN", binary)
+        .env("TUNGSTENITE_PEER", root.join("target/release/tungstenite-peer")))?;
     Ok(())
 }
 
