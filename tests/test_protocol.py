@@ -260,6 +260,27 @@ def test_unmasked_client_frame_is_a_protocol_violation(netns, agent_factory):
     )
 
 
+def test_fragmented_ping_is_a_violation_and_tracking_goes_on(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    port = 8783
+    netns.python_peer("server", port)
+    netns.spawn(sys.executable, PEERS / "raw_ws.py", "fragmented-ping", port, ready="done")
+
+    def violations(role):
+        return agent.metric("websocket_protocol_violations_total", port=port, role=role) or 0
+
+    wait_for("the fragmented ping counted at the server", lambda: violations("server") >= 1, 3)
+    # The client end wrote it: the same frame is counted where it left.
+    wait_for("the fragmented ping counted at the client", lambda: violations("client") >= 1, 3)
+    # Frames are still tracked after it: the server's close (1002) is read at both ends.
+    for role, initiator in (("server", "local"), ("client", "peer")):
+        wait_for(
+            f"the 1002 at the {role} end",
+            lambda: agent.metric("websocket_close_total", port=port, role=role, code=1002, initiator=initiator) == 1,
+            timeout=3,
+        )
+
+
 def test_permessage_deflate_is_recognised_and_its_frames_decoded(netns, agent_factory):
     agent = agent_factory(*FLAGS)
     port = 8781

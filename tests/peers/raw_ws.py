@@ -9,6 +9,9 @@
                                      every 200 ms and reads the echoes
     raw_ws.py deaf-client PORT       upgrades, then never reads or writes again: a close frame
                                      gets no reply and TCP stays open from its side
+    raw_ws.py fragmented-ping PORT   upgrades, sends a ping without its FIN bit (control frames
+                                     must not be fragmented), then reads until the server closes
+                                     TCP; prints `done`
     raw_ws.py tls PORT               starts a TLS handshake (Python's ssl module) and waits
     raw_ws.py h2 PORT                sends the HTTP/2 connection preface and waits
 
@@ -55,11 +58,12 @@ def split_handshake(port):
     time.sleep(3600)
 
 
-def deaf_client(port):
+def upgraded(port, path):
+    """A connection through the upgrade, having read nothing past the 101."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
-        b"GET /deaf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     reply = b""
     while b"\r\n\r\n" not in reply:
@@ -67,8 +71,26 @@ def deaf_client(port):
         if not chunk:
             raise SystemExit(f"closed early: {reply!r}")
         reply += chunk
+    if not reply.startswith(b"HTTP/1.1 101"):
+        raise SystemExit(f"upgrade refused: {reply[:100]!r}")
+    return sock
+
+
+def deaf_client(port):
+    upgraded(port, "/deaf")
     say("ready")
     time.sleep(3600)
+
+
+def fragmented_ping(port):
+    sock = upgraded(port, "/fragmented-ping")
+    key = os.urandom(4)
+    payload = b"ping"
+    # Opcode 0x9 (ping) with FIN clear: 0x09 instead of 0x89.
+    sock.sendall(bytes([0x09, 0x80 | len(payload)]) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+    while sock.recv(4096):
+        pass
+    say("done")
 
 
 def bound_client(port, local):
@@ -123,7 +145,13 @@ def main():
     if mode == "bound-client":
         bound_client(port, int(sys.argv[3]))
         return
-    modes = {"split-handshake": split_handshake, "deaf-client": deaf_client, "tls": tls, "h2": h2}
+    modes = {
+        "split-handshake": split_handshake,
+        "deaf-client": deaf_client,
+        "fragmented-ping": fragmented_ping,
+        "tls": tls,
+        "h2": h2,
+    }
     modes[mode](port)
 
 
