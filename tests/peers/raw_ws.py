@@ -77,9 +77,10 @@ def upgraded(port, path):
 
 
 def deaf_client(port):
-    upgraded(port, "/deaf")
+    sock = upgraded(port, "/deaf")  # held open: dropping it would close the connection
     say("ready")
     time.sleep(3600)
+    sock.close()
 
 
 def fragmented_ping(port):
