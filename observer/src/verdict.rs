@@ -115,6 +115,28 @@ pub fn judge(
     now_ns: u64,
     thresholds: &Thresholds,
 ) -> Judgement {
+    let at = |then: u64| since(now_ns, then.max(state.established_ns));
+    // The peer's FIN is news at once, whatever else holds; the socket left open past the idle
+    // threshold is a leak.
+    let since_fin = (state.tcp_state == TCP_CLOSE_WAIT).then(|| at(state.state_changed_ns));
+    let mut judgement = judge_open(state, data_activity_ns, now_ns, thresholds, since_fin);
+    if let Some(since_fin) = since_fin.filter(|_| judgement.verdict != Verdict::HalfClosed) {
+        judgement.detail.push_str(&format!(
+            "; the peer closed its side {} ago, the local end is still open",
+            human_ns(since_fin)
+        ));
+    }
+    judgement
+}
+
+/// The verdict rules in priority order, the peer's FIN aside.
+fn judge_open(
+    state: &ConnState,
+    data_activity_ns: Option<u64>,
+    now_ns: u64,
+    thresholds: &Thresholds,
+    since_fin: Option<u64>,
+) -> Judgement {
     let stall = thresholds.stall_after.as_nanos() as u64;
     let idle = thresholds.idle_after.as_nanos() as u64;
     let at = |then: u64| since(now_ns, then.max(state.established_ns));
@@ -149,11 +171,16 @@ pub fn judge(
             );
         }
         if retransmitted || quiet >= 2 * stall {
+            // Without a retransmission counted yet, the silence itself is the evidence.
+            let retransmissions = match state.total_retrans {
+                0 => "no retransmission counted yet".to_string(),
+                1 => "1 retransmission".to_string(),
+                n => format!("{n} retransmissions"),
+            };
             return judged(
                 Verdict::PeerUnresponsive,
                 format!(
-                    "{unacked}, {} retransmissions, nothing from the peer for {}",
-                    state.total_retrans,
+                    "{unacked}, {retransmissions}, nothing from the peer for {}",
                     human_ns(quiet)
                 ),
             );
@@ -181,9 +208,7 @@ pub fn judge(
         return judged(Verdict::NotReading, detail);
     }
 
-    // The peer's FIN is news at once; the socket left open past the idle threshold is a leak.
-    let half_closed = (state.tcp_state == TCP_CLOSE_WAIT).then(|| at(state.state_changed_ns));
-    if let Some(since_fin) = half_closed.filter(|&ns| ns >= idle) {
+    if let Some(since_fin) = since_fin.filter(|&ns| ns >= idle) {
         return judged(
             Verdict::HalfClosed,
             format!(
@@ -196,18 +221,11 @@ pub fn judge(
     let last_data = data_activity_ns
         .unwrap_or_else(|| state.last_write_ns.max(state.last_rx_ns).max(state.established_ns));
     let quiet = since(now_ns, last_data);
-    let mut judgement = if quiet >= idle {
+    if quiet >= idle {
         judged(Verdict::Idle, format!("no application data either way for {}", human_ns(quiet)))
     } else {
         judged(Verdict::Active, format!("application data {} ago", human_ns(quiet)))
-    };
-    if let Some(since_fin) = half_closed {
-        judgement.detail.push_str(&format!(
-            "; the peer closed its side {} ago, the local end is still open",
-            human_ns(since_fin)
-        ));
     }
-    judgement
 }
 
 /// How a connection ended, for `websocket_connections_closed_total{reason}`.
@@ -396,6 +414,36 @@ mod tests {
         let late = judge(&c, None, 190 * S, &T);
         assert_eq!(late.verdict, Verdict::HalfClosed);
         assert!(late.detail.ends_with("a CLOSE_WAIT leak"), "{}", late.detail);
+    }
+
+    #[test]
+    fn the_peers_fin_is_named_whatever_the_verdict() {
+        let mut c = conn();
+        c.tcp_state = TCP_CLOSE_WAIT;
+        c.state_changed_ns = 130 * S;
+        c.tcp_bytes_received = 5000;
+        c.unread_since_ns = 101 * S;
+        c.last_write_ns = 101 * S;
+        // Unread bytes outrank the FIN, before and after the idle threshold; the FIN is still said.
+        for now in [131, 200] {
+            let j = judge(&c, None, now * S, &T);
+            assert_eq!(j.verdict, Verdict::NotReading);
+            let fin = format!("; the peer closed its side {} s ago", now - 130);
+            assert!(j.detail.contains(&fin), "{}", j.detail);
+        }
+    }
+
+    #[test]
+    fn silence_without_a_counted_retransmission_says_so() {
+        let mut c = stuck();
+        c.last_retrans_ns = 0;
+        c.total_retrans = 0;
+        let j = judge(&c, None, 130 * S, &T);
+        assert_eq!(j.verdict, Verdict::PeerUnresponsive);
+        assert_eq!(
+            j.detail,
+            "40 KiB unacked for 20 s, no retransmission counted yet, nothing from the peer for 25 s"
+        );
     }
 
     #[test]
