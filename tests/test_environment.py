@@ -100,3 +100,5 @@ def test_a_busy_metrics_port_is_named_and_nothing_is_loaded():
     message = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 4, message
     assert f"127.0.0.1:{port}" in message and "Address already in use" in message, message
+    # The fix: who holds the port, and the flag that moves the agent elsewhere.
+    assert f"ss -ltnp 'sport = :{port}'" in message and "--metrics-addr" in message, message

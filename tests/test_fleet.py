@@ -323,3 +323,28 @@ def test_connections_are_attributed_to_their_pods(netns, agent_factory, fake_con
     # Without --pod-labels the series stay per port and role.
     assert plain.metric("websocket_connections_active", port=port, role="server") == 1
     assert "pod=" not in plain.get("/metrics")
+
+
+def test_promtool_finds_nothing_to_lint_in_live_metrics(netns, agent_factory):
+    """`/metrics` with every family populated by real traffic passes `promtool check metrics`."""
+    agent = agent_factory(*FLAGS)
+    port = 8803
+    netns.python_peer("server", port, "ping")
+    netns.node_peer("client", f"ws://127.0.0.1:{port}/lint", "chatty")
+    netns.python_peer("server", port + 1, "close")
+    netns.python_peer("client", f"ws://127.0.0.1:{port + 1}/", "close")
+
+    def populated():
+        text = agent.get("/metrics")
+        wanted = (
+            f'websocket_pong_latency_seconds_count{{port="{port}"',
+            f'websocket_close_total{{port="{port + 1}"',
+            f'websocket_message_size_bytes_count{{port="{port}"',
+        )
+        return all(w in text for w in wanted) and text
+
+    text = wait_for("pongs, closes and messages in /metrics", populated, timeout=10)
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )

@@ -41,7 +41,7 @@ pub enum RunError {
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
     /// The metrics address could not be bound.
-    #[error("cannot listen on --metrics-addr {addr}: {source}")]
+    #[error("cannot listen on --metrics-addr {addr}: {source}; {}", listen_fix(addr, source))]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     /// The audit report's file could not be created.
     #[error("cannot write --output {}: {source}", path.display())]
@@ -49,6 +49,26 @@ pub enum RunError {
     /// Anything else.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+/// What to do about a metrics address that cannot be bound.
+fn listen_fix(addr: &std::net::SocketAddr, error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "another process listens there (`ss -ltnp 'sport = :{}'` names it); pick a free \
+             address with --metrics-addr or OBSERVER_METRICS_ADDR",
+            addr.port()
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE; pick a higher port with --metrics-addr"
+                .to_owned()
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "no interface of this host has that address; use 0.0.0.0 or one of `ip -br addr`"
+                .to_owned()
+        }
+        _ => "pick another address with --metrics-addr or OBSERVER_METRICS_ADDR".to_owned(),
+    }
 }
 
 impl RunError {

@@ -86,6 +86,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Run { args } => {
             let binary = build(&root)?;
             require_root("the agent loads kernel programs")?;
+            kernel_mounts()?;
             let status = Command::new(&binary).args(args).status()?;
             if !status.success() {
                 bail!("observer exited with {status}");
@@ -215,6 +216,26 @@ unsafe extern "C" {
     fn geteuid() -> u32;
 }
 
+/// Mounts bpffs and tracefs where they belong when they are missing. The agent does the same on
+/// its own; checking here says it before anything runs, and gives the tests' `bpftool` its bpffs.
+fn kernel_mounts() -> anyhow::Result<()> {
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    for (fstype, point) in [("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing")] {
+        let mounted = mounts.lines().any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next() == Some(point) && fields.next() == Some(fstype)
+        });
+        if mounted {
+            continue;
+        }
+        step(&format!("mounting {fstype} at {point}, which is missing"));
+        sh(Command::new("mount").args(["-t", fstype, fstype, point]))
+            .with_context(|| format!("fix: mount -t {fstype} {fstype} {point}"))?;
+    }
+    Ok(())
+}
+
 fn lint() -> anyhow::Result<()> {
     let toolchain = ebpf_prerequisites()?;
     step("cargo fmt --check");
@@ -246,6 +267,7 @@ fn test(root: &Path, pytest_args: &[OsString]) -> anyhow::Result<()> {
     fuzz(&toolchain, 15)?;
 
     require_root("the privileged tests load kernel programs and create network namespaces")?;
+    kernel_mounts()?;
     let binary = build(root)?;
     let python = test_peers(root)?;
     step("building the tokio-tungstenite test peer");
