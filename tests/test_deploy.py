@@ -216,7 +216,8 @@ def test_dashboard_has_a_row_per_port_a_panel_per_metric_and_health():
         "websocket_connections_active", "websocket_connections_by_state",
         "websocket_connections_total", "websocket_buffered_amount_bytes",
         "websocket_receive_queue_bytes", "websocket_pong_missed_total", "websocket_messages_total",
-        "websocket_handshake_duration_seconds_bucket",
+        "websocket_handshake_duration_seconds_bucket", "websocket_pong_latency_seconds_bucket",
+        "websocket_message_size_bytes_bucket", "websocket_close_total",
     ):
         panels = [p for p in row_panels if any(metric in t["expr"] for t in p["targets"])]
         assert panels, metric
