@@ -4,14 +4,16 @@ Every test runs unmodified third-party peers (Python `websockets`, Node `ws`) in
 namespace, and an agent with short thresholds; it asserts on `/connections` and `/metrics`.
 """
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import PEERS, wait_for
+from conftest import OBSERVER, PEERS, wait_for
 
 IDLE = 2.0
 STALL = 2.0
@@ -199,3 +201,42 @@ def test_closed_connection_leaves_and_is_counted(netns, agent_factory):
         # Killed without a closing handshake.
         assert agent.metric("websocket_connections_total", port=port, role=role, result="abort") == 1
         assert agent.metric("websocket_connections_active", port=port, role=role) == 0
+
+
+def test_observer_list_shows_the_worst_first_as_a_table_and_as_json(netns, agent_factory):
+    agent = agent_factory(*FLAGS)
+    chatty, frozen = 8771, 8772
+    peer(netns, "python", "server", chatty)
+    peer(netns, "node", "client", f"ws://127.0.0.1:{chatty}/", "chatty")
+    srv = peer(netns, "python", "server", frozen, "sink")
+    peer(netns, "python", "client", f"ws://127.0.0.1:{frozen}/", "stream")
+    wait_for("both connections reported", lambda: ends(agent, chatty) and ends(agent, frozen), timeout=5)
+    os.kill(srv.pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            "the frozen server not_reading",
+            lambda: ends(agent, frozen)["server"]["state"] == "not_reading",
+            timeout=STALL + REFRESH + SLACK + 1,
+        )
+
+        def listed(*flags):
+            result = subprocess.run(
+                [OBSERVER, "list", "--addr", agent.base, *flags],
+                capture_output=True, text=True, timeout=10,
+            )
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        rows = [line.split() for line in listed().splitlines()]
+        assert rows[0][:3] == ["STATE", "ROLE", "LOCAL"], rows[0]
+        mine = [r for r in rows[1:] if any(a.endswith((f":{chatty}", f":{frozen}")) for a in r[2:4])]
+        assert len(mine) == 4, rows
+        # The frozen server's end comes before every healthy one.
+        assert mine[0][:3] == ["not_reading", "server", f"127.0.0.1:{frozen}"], mine
+        assert {r[0] for r in mine[1:]} <= {"backpressured", "active", "idle"}, mine
+
+        as_json = [c for c in json.loads(listed("--json")) if c["port"] in (chatty, frozen)]
+        assert len(as_json) == 4 and as_json[0]["state"] == "not_reading", as_json
+        assert [c["state"] for c in as_json if c["port"] == chatty] == ["active", "active"], as_json
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
