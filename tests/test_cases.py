@@ -11,7 +11,8 @@ those fleets ran, and checks that the agent reports what a correct observer must
   timeout, a raw client that reads nothing after the 101);
 - C22: reads that block for seconds in 64 threads at once, each counted when it returns;
 - C12: an upgrade request split across writes, with an 8 KiB cookie and the first frame in the
-  same write as its last bytes, against an aiohttp server.
+  same write as its last bytes, against an aiohttp server; an upgrade refused with 426, and a
+  101 of over 2 KiB (Python `websockets` hooks).
 
 Peers run in a network namespace of their own; every wait has a deadline.
 """
@@ -238,3 +239,41 @@ def test_c22_reads_that_block_long_are_all_counted(netns, agent_factory):
     readers = wait_for("every reader's 1000 bytes counted as read", all_read, timeout=REFRESH + SLACK)
     assert all(c["last_read_age_seconds"] is not None for c in readers)
     assert all(recv == 0 for recv, _ in netns.ss_queues(port).values())
+
+
+def test_c12_refused_upgrade_is_a_reject_at_both_ends(netns, agent_factory):
+    """A server that answers the upgrade with 426: a `reject` at each end, never an accept, and
+    the connection never reported as a WebSocket."""
+    agent = agent_factory(*FLAGS)
+    port = 7604
+    netns.python_peer("server", port, "reject")
+    client = netns.python_peer("client", f"ws://127.0.0.1:{port}/", "once", ready="rejected")
+    assert b"426" in client.seen
+
+    def rejected():
+        return results(agent, port, "server") == {"reject": 1} and results(agent, port, "client") == {"reject": 1}
+
+    wait_for("a reject at each end", rejected, timeout=REFRESH + SLACK + 1)
+    assert agent.connections(port) == []
+    assert agent.metric("websocket_handshake_duration_seconds_count", port=port) is None
+
+
+def test_c12_a_101_over_two_kib_is_an_accept(netns, agent_factory):
+    """A 101 padded past 2 KiB, which reaches the agent in several 512-byte chunks: one accept
+    per end, the frames after it tracked, and the padding never shown."""
+    agent = agent_factory(*FLAGS)
+    port = 7605
+    netns.python_peer("server", port, "big101")
+    netns.python_peer("client", f"ws://127.0.0.1:{port}/big", "chatty")
+
+    both = wait_for("both ends reported", lambda: ends(agent, port), timeout=REFRESH + SLACK)
+    for role in ("client", "server"):
+        assert both[role]["websocket"] and both[role]["path"] == "/big"
+        assert results(agent, port, role) == {"accept": 1}, role
+    wait_for(
+        "echoes counted after the long 101",
+        lambda: messages(agent, port, "client", "in", "text") >= 2 and messages(agent, port, "server", "in", "text") >= 2,
+        timeout=REFRESH + SLACK + 1,
+    )
+    assert all(c["frames_tracked"] for c in agent.connections(port))
+    assert "ppppppppp" not in agent.get("/connections") + agent.get("/metrics")

@@ -7,7 +7,9 @@
 Server modes: `echo` (default) echoes; `sink` reads and discards; `ping` echoes and pings every
 second, never closing for a missing pong; `stream` sends 64 KiB messages as fast as the
 connection takes them; `noread` never reads but sends a message every second; `close` closes
-each connection after a second (code 1000), waits 3 s for the close reply, then ends TCP.
+each connection after a second (code 1000), waits 3 s for the close reply, then ends TCP;
+`reject` answers every upgrade with 426 Upgrade Required; `big101` echoes, with a 101 of over
+2 KiB (a padding header added by the library's `process_response` hook).
 
 Client modes: `chatty` sends a message every 200 ms and reads the echo; `silent` exchanges COUNT
 messages (default 3) then stays connected without a byte either way; `stream` sends 64 KiB
@@ -17,7 +19,7 @@ pings the same way but gives a pong 1 s, then fails the connection with code 101
 does, and prints `closed CODE` with the code it sent once TCP is gone; `lengths` sends
 one uncompressed binary message of each size in COUNT (comma-separated) and prints `sent N` for
 each; `close` exchanges one message and closes with code 1001; `drain` reads everything and sends
-nothing. Outside the pinger modes, heartbeats are
+nothing; `once` tries to connect and prints `accepted` or `rejected STATUS`, then stays. Outside the pinger modes, heartbeats are
 off so that only the test decides what crosses the wire. Prints `ready` once listening or
 connected, `quiet` when a `silent` client has gone quiet, and `done` when a client is done.
 """
@@ -60,10 +62,22 @@ async def close_after_a_second(ws):
     await ws.close()
 
 
+def refuse(connection, request):
+    return connection.respond(426, "WebSocket not served here\n")
+
+
+def pad_101(connection, request, response):
+    response.headers["X-Padding"] = "p" * 2048
+
+
 async def server(port, mode, host):
     handlers = {"sink": sink, "stream": stream, "noread": noread, "close": close_after_a_second}
     handler = handlers.get(mode, echo)
     options = {"ping_interval": None, "max_size": None}
+    if mode == "reject":
+        options.update(process_request=refuse)
+    if mode == "big101":
+        options.update(process_response=pad_101)
     if mode == "close":
         options.update(close_timeout=3)
     if mode == "ping":
@@ -83,6 +97,14 @@ async def server(port, mode, host):
 
 async def client(url, mode, count):
     options = {"ping_interval": None, "max_size": None}
+    if mode == "once":
+        try:
+            async with websockets.connect(url, **options):
+                say("accepted")
+                await asyncio.Future()
+        except websockets.exceptions.InvalidStatus as refused:
+            say(f"rejected {refused.response.status_code}")
+            await asyncio.Future()
     if mode == "pinger":
         options.update(ping_interval=0.5, ping_timeout=None)
     if mode == "pinger-strict":
