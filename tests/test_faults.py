@@ -225,7 +225,10 @@ def test_c05_server_that_stops_reading_but_still_sends(netns, agent_factory):
     netns.python_peer("server", port, "noread")
     netns.python_peer("client", f"ws://127.0.0.1:{port}/", "stream")
     wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    # The handler never reads from the start; the stall begins once the first bytes sit unread.
+    started_at = time.monotonic()
     server = verdict_within(agent, port, "server", "not_reading", STALL + REFRESH + SLACK + 4)
+    detected("C05 server stops reading, still sends", "not_reading", started_at)
     assert "stopped reading" in server["detail"], server["detail"]
     assert server["last_send_age_seconds"] < STALL
 
