@@ -89,6 +89,29 @@ def never(agent, port, role, verdicts, duration):
         time.sleep(REFRESH / 2)
 
 
+class Healthy:
+    """A chatty connection beside a fault, on loopback of the same namespace: it must stay
+    `active` at both ends, with no other verdict ever logged for it."""
+
+    def __init__(self, ns, agent, port):
+        self.agent, self.port = agent, port
+        ns.python_peer("server", port)
+        ns.node_peer("client", f"ws://127.0.0.1:{port}/", "chatty")
+        wait_for(f"both ends of :{port} active", self._active, timeout=5)
+
+    def _active(self):
+        ends = self.agent.connections(self.port)
+        return len(ends) == 2 and all(e["state"] == "active" for e in ends)
+
+    def check(self):
+        assert self._active(), self.agent.connections(self.port)
+        changes = [
+            line for line in self.agent.read_log().splitlines()
+            if "connection verdict changed" in line and f":{self.port} " in line
+        ]
+        assert len(changes) >= 2 and all('to="active"' in line for line in changes), changes
+
+
 def nothing_in_flight(link, port):
     queues = list(link.srv.ss_queues(port).values()) + list(link.cli.ss_queues(port).values())
     return len(queues) == 2 and all(send_q == 0 for _, send_q in queues)
@@ -99,6 +122,7 @@ def test_c01_peer_vanishing_while_idle_is_idle_not_dead(link, agent_factory):
     port = 8901
     link.srv.python_peer("server", port, "echo", SERVER_IP)
     link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "silent", ready="quiet")
+    healthy = Healthy(link.srv, agent, port + 100)
     wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
     # The last echo can be read before its (delayed) ACK leaves; cut only once both send queues
     # are empty per `ss`, or that echo is rightly retransmitted into the void.
@@ -111,6 +135,7 @@ def test_c01_peer_vanishing_while_idle_is_idle_not_dead(link, agent_factory):
     assert time.monotonic() - cut_at <= IDLE + REFRESH + SLACK + 1
     assert server["send_queue_bytes"] == 0 and server["tcp_state"] == "ESTABLISHED"
     never(agent, port, "server", {"peer_unresponsive", "backpressured"}, STALL + 1)
+    healthy.check()
 
 
 def test_c01_peer_vanishing_under_server_pings_is_peer_unresponsive(link, agent_factory):
@@ -118,6 +143,7 @@ def test_c01_peer_vanishing_under_server_pings_is_peer_unresponsive(link, agent_
     port = 8902
     link.srv.python_peer("server", port, "ping", SERVER_IP)
     link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "silent", ready="quiet")
+    healthy = Healthy(link.srv, agent, port + 100)
     wait_for("a pong", lambda: (e := end(agent, port, "server")) and e["pongs"] >= 1, 5)
     link.cut()
     cut_at = time.monotonic()
@@ -130,6 +156,7 @@ def test_c01_peer_vanishing_under_server_pings_is_peer_unresponsive(link, agent_
     assert re.search(evidence, server["detail"]), server["detail"]
     # The kernel counts the retransmission the timer started a moment after the timer fired.
     wait_for("retransmissions counted", lambda: end(agent, port, "server")["retransmits"] > 0, 2)
+    healthy.check()
 
 
 def test_c02_link_cut_while_streaming_then_retransmission_timeout(link, agent_factory):
@@ -139,6 +166,7 @@ def test_c02_link_cut_while_streaming_then_retransmission_timeout(link, agent_fa
     link.srv.run("sysctl", "-qw", "net.ipv4.tcp_retries2=5")
     link.srv.python_peer("server", port, "stream", SERVER_IP)
     link.cli.python_peer("client", f"ws://{SERVER_IP}:{port}/", "drain")
+    healthy = Healthy(link.srv, agent, port + 100)
     wait_for("data flowing", lambda: (e := end(agent, port, "server")) and e["bytes_sent"] > 1 << 18, 15)
     link.cut()
     cut_at = time.monotonic()
@@ -157,6 +185,7 @@ def test_c02_link_cut_while_streaming_then_retransmission_timeout(link, agent_fa
     wait_for("the server end closed by retransmission timeout", timed_out, timeout=30)
     detected("C02 retransmissions give up (tcp_retries2=5)", "closed: timeout", cut_at)
     assert end(agent, port, "server") is None
+    healthy.check()
 
 
 def test_c03_frozen_server_is_not_reading_and_its_client_backpressured(netns, agent_factory):
@@ -193,6 +222,7 @@ def test_c04_client_that_never_reads_backpressures_the_broadcaster(netns, agent_
     port = 8906
     netns.node_peer("server", port, "broadcast")
     client = netns.python_peer("client", f"ws://127.0.0.1:{port}/", "silent", "0", ready="quiet")
+    healthy = Healthy(netns, agent, port + 100)
     wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
     os.kill(client.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -217,6 +247,7 @@ def test_c04_client_that_never_reads_backpressures_the_broadcaster(netns, agent_
         return s["send_queue_bytes"] == send_q and acked - agent_acked in (0, 1)
 
     wait_for("server bytes equal to tcp_info", counts_match_tcp_info, timeout=5)
+    healthy.check()
 
 
 def test_c05_server_that_stops_reading_but_still_sends(netns, agent_factory):
@@ -225,17 +256,20 @@ def test_c05_server_that_stops_reading_but_still_sends(netns, agent_factory):
     netns.python_peer("server", port, "noread")
     netns.python_peer("client", f"ws://127.0.0.1:{port}/", "stream")
     wait_for("both ends", lambda: end(agent, port, "server") and end(agent, port, "client"), 5)
+    healthy = Healthy(netns, agent, port + 100)
     # The handler never reads from the start; the stall begins once the first bytes sit unread.
     started_at = time.monotonic()
     server = verdict_within(agent, port, "server", "not_reading", STALL + REFRESH + SLACK + 4)
     detected("C05 server stops reading, still sends", "not_reading", started_at)
     assert "stopped reading" in server["detail"], server["detail"]
     assert server["last_send_age_seconds"] < STALL
+    healthy.check()
 
 
 def test_c09_half_closed_socket_left_open_becomes_half_closed(netns, agent_factory):
     port = 8908
     agent = agent_factory(*FLAGS, "--port", port)
+    healthy = Healthy(netns, agent, port + 100)
     netns.spawn(sys.executable, PEERS / "tcp_peer.py", "hold-server", port)
     netns.spawn(sys.executable, PEERS / "tcp_peer.py", "half-close", port)
     fin_at = time.monotonic()
@@ -254,6 +288,7 @@ def test_c09_half_closed_socket_left_open_becomes_half_closed(netns, agent_facto
     server = verdict_within(agent, port, "server", "half_closed", IDLE + REFRESH + SLACK + 1)
     detected("C09 peer FIN, socket left open", "half_closed", fin_at)
     assert "CLOSE_WAIT leak" in server["detail"]
+    healthy.check()
 
 
 def test_c24_identical_tuples_in_two_namespaces_and_ipv6(agent_factory):
