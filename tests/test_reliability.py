@@ -50,8 +50,8 @@ def test_sigkill_leaves_no_program_attached(tmp_path):
 
 def test_a_frozen_agent_loses_no_connection(netns, agent_factory):
     agent = agent_factory(*FLAGS)
-    kept, closed, opened = 8995, 8996, 8997
-    for port in (kept, closed, opened):
+    kept, closed, opened, brief = 8995, 8996, 8997, 8998
+    for port in (kept, closed, opened, brief):
         netns.python_peer("server", port)
     netns.python_peer("client", f"ws://127.0.0.1:{kept}/", "chatty")
     leaving = netns.python_peer("client", f"ws://127.0.0.1:{closed}/", "chatty")
@@ -62,7 +62,10 @@ def test_a_frozen_agent_loses_no_connection(netns, agent_factory):
     try:
         leaving.kill()
         netns.python_peer("client", f"ws://127.0.0.1:{opened}/", "chatty")
-        time.sleep(5)  # The fault itself: five seconds without the agent running.
+        # Whole connections that open, talk and close while the agent is stopped.
+        for _ in range(3):
+            netns.python_peer("client", f"ws://127.0.0.1:{brief}/", "close", ready="done")
+        time.sleep(3)  # The fault itself: seconds more without the agent running.
     finally:
         agent.proc.send_signal(signal.SIGCONT)
 
@@ -70,6 +73,16 @@ def test_a_frozen_agent_loses_no_connection(netns, agent_factory):
     wait_for("the new one found", lambda: len(agent.connections(opened)) == 2, timeout=3)
     assert {c["cookie"] for c in agent.connections(kept)} == cookies
     assert all(c["state"] == "active" for c in agent.connections(kept))
+
+    def brief_ones_counted():
+        return all(
+            agent.metric("websocket_connections_total", port=brief, role=role, result=result) == 3
+            for role in ("server", "client") for result in ("accept", "close")
+        )
+
+    wait_for("the three brief connections counted at both ends", brief_ones_counted, timeout=3)
+    assert agent.metric("websocket_handshake_duration_seconds_count", port=brief) == 6
+    assert agent.metric("observer_events_unmatched_total") == 0
 
 
 def test_only_the_documented_capabilities_are_needed(netns, tmp_path):

@@ -378,12 +378,35 @@ impl Conn {
     }
 }
 
+/// Connections whose events are held at most while their close event is awaited.
+const MAX_EARLY_CONNS: usize = 4096;
+/// Control-frame events held for one such connection at most.
+const MAX_EARLY_FRAMES: usize = 64;
+
+/// An event about a connection the kernel had already forgotten when the agent read it.
+#[derive(Debug)]
+enum EarlyEvent {
+    Chunk { direction: Direction, offset: u32, data: Vec<u8>, ts_ns: u64 },
+    Frame(FrameEvent),
+}
+
+/// Events of a connection that opened and closed while the agent was not reading its events
+/// (stopped, or busy): its kernel entry is gone by the time its first bytes are read, so its
+/// state comes only with its close event, later in the ring. Until then its events wait here.
+#[derive(Debug)]
+struct Early {
+    /// The [`Tracker::sync`] pass it was held in; held past the next one, it is dropped.
+    pass: u64,
+    events: Vec<EarlyEvent>,
+}
+
 /// The table itself.
 #[derive(Debug)]
 pub struct Tracker {
     thresholds: Thresholds,
     pong_timeout_ns: u64,
     conns: HashMap<u64, Conn>,
+    early: HashMap<u64, Early>,
     /// Passes of [`Tracker::sync`] so far.
     sync_pass: u64,
     aggregates: Aggregates,
@@ -397,6 +420,7 @@ impl Tracker {
             thresholds,
             pong_timeout_ns: pong_timeout.as_nanos() as u64,
             conns: HashMap::new(),
+            early: HashMap::new(),
             sync_pass: 0,
             aggregates: Aggregates::default(),
             notes: None,
@@ -433,7 +457,14 @@ impl Tracker {
     ) -> Option<KernelAction> {
         let conn = match self.conns.entry(cookie) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Conn::new(lookup()?)),
+            Entry::Vacant(e) => match lookup() {
+                Some(state) => e.insert(Conn::new(state)),
+                None => {
+                    let data = data.to_vec();
+                    self.hold_early(cookie, EarlyEvent::Chunk { direction, offset, data, ts_ns });
+                    return None;
+                }
+            },
         };
         if conn.upgrade.is_some() {
             return None;
@@ -500,6 +531,13 @@ impl Tracker {
     /// A ping, pong or close frame crossed a tracked connection.
     pub fn frame(&mut self, cookie: u64, event: &FrameEvent) {
         let Some(conn) = self.conns.get_mut(&cookie) else {
+            if let Some(early) = self.early.get_mut(&cookie) {
+                if early.events.len() < MAX_EARLY_FRAMES {
+                    early.events.push(EarlyEvent::Frame(*event));
+                } else {
+                    self.aggregates.events_unmatched += 1;
+                }
+            }
             return;
         };
         if conn.reported() {
@@ -624,6 +662,21 @@ impl Tracker {
 
     /// A tracked connection reached `TCP_CLOSE`.
     pub fn close(&mut self, cookie: u64, state: ConnState, frames: WsState) {
+        if let Some(early) = self.early.remove(&cookie)
+            && !self.conns.contains_key(&cookie)
+        {
+            // Replay what it said while it was open, now that its state is known.
+            self.conns.insert(cookie, Conn::new(state));
+            for event in early.events {
+                match event {
+                    EarlyEvent::Chunk { direction, offset, data, ts_ns } => {
+                        // Its kernel entries are gone: nothing to tell the kernel.
+                        let _ = self.chunk(cookie, direction, offset, &data, ts_ns, || None);
+                    }
+                    EarlyEvent::Frame(frame) => self.frame(cookie, &frame),
+                }
+            }
+        }
         if let Some(mut conn) = self.conns.remove(&cookie) {
             conn.state = state;
             conn.correction.apply(&mut conn.state);
@@ -631,6 +684,18 @@ impl Tracker {
                 conn.frames = Some(frames);
             }
             self.finish(cookie, conn);
+        }
+    }
+
+    /// Holds an event of a connection the kernel no longer tracks, until its close event.
+    fn hold_early(&mut self, cookie: u64, event: EarlyEvent) {
+        let full = self.early.len() >= MAX_EARLY_CONNS;
+        match self.early.entry(cookie) {
+            Entry::Occupied(mut e) => e.get_mut().events.push(event),
+            Entry::Vacant(_) if full => self.aggregates.events_unmatched += 1,
+            Entry::Vacant(e) => {
+                e.insert(Early { pass: self.sync_pass, events: vec![event] });
+            }
         }
     }
 
@@ -660,6 +725,14 @@ impl Tracker {
         // Each entry marks its connection with this pass's number; the unmarked ones are gone.
         self.sync_pass += 1;
         let pass = self.sync_pass;
+        // Events held for a close event that two passes did not bring: the connection was
+        // untracked by this table before they were read (not a WebSocket), or its close event
+        // was lost, which the kernel counts already.
+        let before = self.early.len();
+        self.early.retain(|_, early| early.pass + 2 > pass);
+        if self.early.len() < before {
+            debug!(connections = before - self.early.len(), "held events dropped: no close came");
+        }
         for (cookie, state) in entries {
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
@@ -1254,6 +1327,51 @@ mod tests {
         ));
         assert!(notes.iter().all(|n| (n.id.cookie, n.id.port, n.id.role) == (3, 8080, "server")));
         assert!(t.take_notes().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_connection_gone_before_its_events_were_read_is_counted_from_its_close() {
+        let mut t = tracker();
+        // Opened, upgraded, closed cleanly while the agent read nothing: its kernel entry is gone.
+        assert_eq!(t.chunk(5, Direction::Ingress, 0, REQUEST, S, || None), None);
+        assert_eq!(t.chunk(5, Direction::Egress, 0, RESPONSE, S + S / 100, || None), None);
+        t.frame(5, &control(Direction::Ingress, opcode::CLOSE, 2 * S, 1000));
+        t.frame(5, &control(Direction::Egress, opcode::CLOSE, 2 * S, 1000));
+        assert_eq!(t.len(), 0, "nothing is reported before its state is known");
+        t.close(5, server(8080, false), WsState::default());
+        let agg = t.aggregates();
+        assert_eq!(agg.connections[&((8080, "server"), Outcome::Accept)], 1);
+        assert_eq!(agg.connections[&((8080, "server"), Outcome::Close)], 1);
+        assert_eq!(agg.handshake[&8080].count(), 1);
+        assert_eq!(agg.closes[&((8080, "server"), "1000".to_owned(), "peer")], 1);
+        assert_eq!(agg.events_unmatched, 0);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn held_events_whose_close_never_comes_are_dropped() {
+        let mut t = tracker();
+        t.chunk(6, Direction::Ingress, 0, REQUEST, S, || None);
+        // A frame of a connection never seen at all is not held.
+        t.frame(7, &control(Direction::Ingress, opcode::PING, 2 * S, 0));
+        for _ in 0..3 {
+            t.sync([], []);
+        }
+        // Its close, too late: nothing to replay.
+        t.close(6, server(8080, false), WsState::default());
+        assert!(t.aggregates().connections.is_empty());
+        assert_eq!(t.aggregates().events_unmatched, 0);
+    }
+
+    #[test]
+    fn held_connections_are_bounded_and_the_excess_counted() {
+        let mut t = tracker();
+        for cookie in 0..MAX_EARLY_CONNS as u64 + 5 {
+            t.chunk(cookie, Direction::Ingress, 0, REQUEST, S, || None);
+        }
+        assert_eq!(t.aggregates().events_unmatched, 5);
+        t.close(3, server(8080, false), WsState::default());
+        assert_eq!(t.aggregates().connections[&((8080, "server"), Outcome::Reject)], 1);
     }
 
     #[test]

@@ -195,6 +195,8 @@ pub struct Aggregates {
     pub closed: BTreeMap<(SeriesKey, &'static str), u64>,
     /// Times frame tracking of a direction was lost.
     pub tracking_lost: u64,
+    /// Kernel events dropped because too many closed connections' events were held.
+    pub events_unmatched: u64,
     /// Which ports have a label of their own.
     pub ports: PortLabels,
 }
@@ -505,6 +507,15 @@ pub fn render(inputs: &Inputs<'_>) -> String {
         "Stream directions whose frame boundaries were lost (bytes the kernel never saw).",
     );
     sample(o, "observer_frame_tracking_lost_total", &[], agg.tracking_lost);
+
+    family(
+        o,
+        "observer_events_unmatched_total",
+        "counter",
+        "Kernel events dropped unread because too many connections that had closed before \
+         their events were read were waiting for their close event.",
+    );
+    sample(o, "observer_events_unmatched_total", &[], agg.events_unmatched);
 
     family(
         o,
