@@ -58,6 +58,7 @@ pub fn observer_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// What this module needs of a TCP segment's headers.
+#[derive(Default)]
 struct Segment {
     seq: u32,
     ack_seq: u32,
@@ -75,9 +76,10 @@ fn segment(ctx: &SkBuffContext, direction: Direction) {
     let Some(state) = CONNS.get_ptr_mut(cookie) else {
         return;
     };
-    let Some(seg) = parse(ctx) else {
+    let mut seg = Segment::default();
+    if !parse(ctx, &mut seg) {
         return;
-    };
+    }
     account(ctx, state, &seg, direction);
     if seg.payload_len > 0 {
         forward(ctx, cookie, state, &seg, direction);
@@ -94,33 +96,42 @@ fn segment(ctx: &SkBuffContext, direction: Direction) {
     }
 }
 
-/// Reads the IP and TCP headers at the start of the packet.
-#[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<Segment> {
-    let first: u8 = ctx.load(0).ok()?;
-    let (ip_len, protocol) = match first >> 4 {
-        4 => (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?),
-        6 => (40, ctx.load::<u8>(6).ok()?),
-        _ => return None,
+/// Reads the IP and TCP headers at the start of the packet into `seg`, with one load for each:
+/// every load is a helper call, and this runs for every segment of every tracked socket. False
+/// when the packet is not TCP or is too short.
+///
+/// Kept out of line: its load buffers then live in a frame of their own, which is never on the
+/// stack at the same time as the frame walk's, so the programs stay within the verifier's
+/// combined stack limit.
+#[inline(never)]
+fn parse(ctx: &SkBuffContext, seg: &mut Segment) -> bool {
+    // The first 10 bytes hold the version and, for IPv4, the header length and the protocol
+    // (byte 9); for IPv6, the next header (byte 6). Extension headers are not followed: the
+    // kernel's own TCP segments carry none.
+    let Ok(ip) = ctx.load::<[u8; 10]>(0) else {
+        return false;
+    };
+    let (ip_len, protocol) = match ip[0] >> 4 {
+        4 => (u32::from(ip[0] & 0x0f) * 4, ip[9]),
+        6 => (40, ip[6]),
+        _ => return false,
     };
     if protocol != IPPROTO_TCP {
-        return None;
+        return false;
     }
-    let at = ip_len as usize;
-    let seq = u32::from_be(ctx.load::<u32>(at + 4).ok()?);
-    let ack_seq = u32::from_be(ctx.load::<u32>(at + 8).ok()?);
-    let data_offset: u8 = ctx.load(at + 12).ok()?;
-    let tcp_flags: u8 = ctx.load(at + 13).ok()?;
-    let window = u16::from_be(ctx.load::<u16>(at + 14).ok()?);
-    let payload_offset = ip_len + u32::from(data_offset >> 4) * 4;
-    Some(Segment {
-        seq,
-        ack_seq,
-        tcp_flags,
-        window,
-        payload_offset,
-        payload_len: ctx.len().saturating_sub(payload_offset),
-    })
+    // Sequence (0..4), acknowledgement (4..8), data offset (8), flags (9), window (10..12): the
+    // header from its fifth byte on, after the ports.
+    let Ok(tcp) = ctx.load::<[u8; 12]>(ip_len as usize + 4) else {
+        return false;
+    };
+    let payload_offset = ip_len + u32::from(tcp[8] >> 4) * 4;
+    seg.seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
+    seg.ack_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    seg.tcp_flags = tcp[9];
+    seg.window = u16::from_be_bytes([tcp[10], tcp[11]]);
+    seg.payload_offset = payload_offset;
+    seg.payload_len = ctx.len().saturating_sub(payload_offset);
+    true
 }
 
 #[inline(always)]
