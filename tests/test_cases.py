@@ -107,6 +107,10 @@ def test_c06_keepalive_timeout_closes_with_1011(netns, agent_factory):
     for role in ("client", "server"):
         assert agent.metric("websocket_connections_closed_total", port=port, role=role, reason="clean") == 1, role
     assert agent.metric("websocket_connections_active", port=port, role="client") in (None, 0)
+    # The agent's pong timeout is the client's: the ping is missed at both ends even though the
+    # client closes the moment it is overdue, before a refresh can see it so.
+    for role in ("client", "server"):
+        assert agent.metric("websocket_pong_missed_total", port=port, role=role) == 1, role
 
 
 def test_c06_tungstenite_server_that_never_polls_its_stream(netns, agent_factory):

@@ -783,14 +783,7 @@ impl Tracker {
                 continue;
             }
             conn.admit(&mut self.aggregates.ports);
-            let series = conn.series();
-            for ping in conn.outstanding.iter_mut().flatten() {
-                if !ping.missed && now_ns.saturating_sub(ping.at_ns) >= self.pong_timeout_ns {
-                    ping.missed = true;
-                    conn.pong_missed += 1;
-                    *self.aggregates.pong_missed.entry(series).or_default() += 1;
-                }
-            }
+            count_overdue_pings(conn, now_ns, self.pong_timeout_ns, &mut self.aggregates);
             let mut judgement =
                 judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
             if let Some(age) = conn.unanswered_ping_ns(now_ns) {
@@ -846,6 +839,10 @@ impl Tracker {
     fn finish(&mut self, cookie: u64, mut conn: Conn) {
         if conn.reported() {
             conn.admit(&mut self.aggregates.ports);
+            // A ping left unanswered for the pong timeout by the time TCP ended is missed, even
+            // when no refresh came between (a peer giving up on the pong closes at that moment).
+            let ended_ns = conn.state.state_changed_ns;
+            count_overdue_pings(&mut conn, ended_ns, self.pong_timeout_ns, &mut self.aggregates);
         }
         if conn.websocket() {
             take_frame_counts(&mut self.aggregates, &mut conn);
@@ -885,6 +882,19 @@ impl Tracker {
             conn.admit(&mut self.aggregates.ports);
             self.aggregates.count(conn.series(), Outcome::Reject);
             note(&mut self.notes, conn.id(cookie), conn.state.state_changed_ns, NoteKind::Reject);
+        }
+    }
+}
+
+/// Counts, once each, the pings of a reported connection still unanswered at `at_ns` after the
+/// pong timeout.
+fn count_overdue_pings(conn: &mut Conn, at_ns: u64, timeout_ns: u64, aggregates: &mut Aggregates) {
+    let series = conn.series();
+    for ping in conn.outstanding.iter_mut().flatten() {
+        if !ping.missed && at_ns.saturating_sub(ping.at_ns) >= timeout_ns {
+            ping.missed = true;
+            conn.pong_missed += 1;
+            *aggregates.pong_missed.entry(series).or_default() += 1;
         }
     }
 }
@@ -1206,6 +1216,21 @@ mod tests {
         t.sync([], []);
         assert_eq!(t.aggregates().connections[&((9000, "server"), Outcome::Abort)], 1);
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), "h2");
+    }
+
+    #[test]
+    fn a_ping_overdue_when_tcp_ends_is_missed_without_a_refresh_between() {
+        let mut t = tracker();
+        upgraded(&mut t, 8, server(8080, false));
+        // Pings at 20 s and 28 s; the peer gives up at 30 s, before any refresh saw the first
+        // one overdue: only the first is past the 10 s pong timeout by then.
+        t.frame(8, &control(Direction::Egress, opcode::PING, 20 * S, 0));
+        t.frame(8, &control(Direction::Egress, opcode::PING, 28 * S, 0));
+        assert_eq!(t.refresh(29 * S)[0].pong_missed, 0);
+        let mut ended = server(8080, false);
+        ended.state_changed_ns = 30 * S;
+        t.close(8, ended, WsState::default());
+        assert_eq!(t.aggregates().pong_missed[&(8080, "server")], 1);
     }
 
     #[test]
