@@ -19,12 +19,13 @@ use observer_common::{ChunkEvent, ConnEvent, Direction, EventHeader, EventKind, 
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::TcpListener,
+    sync::mpsc,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     adopt,
-    api::{self, Shared, Snapshot},
+    api::{self, Shared, Snapshot, ViewRequest},
     cli::{AuditConfig, Format, RunConfig, WatchConfig},
     conntrack::{ConnectionView, KernelAction, Tracker},
     evict::{self, Evictor},
@@ -99,6 +100,13 @@ struct Watch {
     refresh_started: Instant,
     /// When adopted connections' queues were last checked against the socket table.
     last_verified: Option<Instant>,
+    /// The last refresh's `CONNS` and `FRAMES` reads, kept for their memory.
+    entries: Vec<(u64, observer_common::ConnState)>,
+    frames: Vec<(u64, observer_common::WsState)>,
+    /// What the gauges need of each reported connection end, as of the last refresh.
+    open: Vec<metrics::OpenEnd>,
+    /// Requests for the connection ends, from the HTTP endpoint; `None` when nobody serves it.
+    view_requests: Option<mpsc::Receiver<ViewRequest>>,
 }
 
 /// Why the loop stopped.
@@ -142,6 +150,10 @@ impl Watch {
             lost_when_adopted: 0,
             refresh_started: Instant::now(),
             last_verified: None,
+            entries: Vec::new(),
+            frames: Vec::new(),
+            open: Vec::new(),
+            view_requests: None,
         };
         let saved = watch.state.as_ref().map(StateFile::load).unwrap_or_default();
         adopt_existing(&mut watch.kernel, &mut watch.tracker, &mut watch.evictor, &watch.ports);
@@ -158,7 +170,7 @@ impl Watch {
     async fn run(
         &mut self,
         until: impl std::future::Future<Output = ()>,
-        mut on_refresh: impl FnMut(&mut Self, Vec<ConnectionView>) -> Result<(), RunError>,
+        mut on_refresh: impl FnMut(&mut Self) -> Result<(), RunError>,
     ) -> Result<Stopped, RunError> {
         let mut tick = tokio::time::interval(self.refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,9 +187,22 @@ impl Watch {
                 }
                 _ = tick.tick() => {
                     self.refresh_started = Instant::now();
-                    let connections = self.refresh();
-                    on_refresh(self, connections)?;
+                    self.refresh();
+                    on_refresh(self)?;
                 }
+                request = next_request(&mut self.view_requests) => match request {
+                    // Answered from a refresh of its own, published before the answer, so that
+                    // what `/metrics` says from then on agrees with it.
+                    Some(reply) => {
+                        self.drain_now();
+                        self.refresh_started = Instant::now();
+                        self.refresh();
+                        on_refresh(self)?;
+                        // The asker may have given up waiting: nothing to do then.
+                        let _ = reply.send(self.views());
+                    }
+                    None => self.view_requests = None,
+                },
                 _ = tokio::signal::ctrl_c() => return Ok(Stopped::Signal),
                 _ = terminate.recv() => return Ok(Stopped::Signal),
                 () = &mut until => return Ok(Stopped::Done),
@@ -186,7 +211,7 @@ impl Watch {
     }
 
     /// Reads every kernel entry and recomputes verdicts; re-adopts after lost events.
-    fn refresh(&mut self) -> Vec<ConnectionView> {
+    fn refresh(&mut self) {
         let lost = self.kernel.stat(stat::EVENTS_LOST);
         if lost > self.lost_when_adopted {
             // Opens or closes may be among the lost events: read the kernel's table again.
@@ -197,16 +222,29 @@ impl Watch {
             adopt_existing(&mut self.kernel, &mut self.tracker, &mut self.evictor, &self.ports);
             self.lost_when_adopted = lost;
         }
-        let entries = self.kernel.read_conns();
-        let frames = self.kernel.read_frames();
-        self.tracker.sync(entries.iter().copied(), frames);
+        let mut entries = std::mem::take(&mut self.entries);
+        self.kernel.read_conns_into(&mut entries);
+        let kernel = &self.kernel;
+        let frames_held = self.evictor.usage(evict::Map::Frames).entries;
+        let frames = &mut self.frames;
+        self.tracker.sync(entries.iter().copied(), |wanted| {
+            kernel.read_frames_into(wanted, frames_held, frames);
+            let frames: &Vec<_> = frames;
+            frames.iter().copied()
+        });
         let tracker = &self.tracker;
         let plan = self.evictor.plan(&entries, |cookie| tracker.reported(cookie));
+        self.entries = entries;
         evict(&mut self.kernel, &mut self.tracker, &plan);
         self.verify_adopted_queues();
-        let mut connections = self.tracker.refresh(crate::clock::monotonic_ns());
-        self.pods.annotate(&mut connections, Instant::now());
-        connections
+        self.tracker.judge(crate::clock::monotonic_ns(), &mut self.open);
+    }
+
+    /// The connection ends as the last refresh judged them, with their pods.
+    fn views(&mut self) -> Vec<ConnectionView> {
+        let mut views = self.tracker.views();
+        self.pods.annotate(&mut views, Instant::now());
+        views
     }
 
     /// Checks the queues of adopted connections that have gone quiet against the kernel's socket
@@ -252,7 +290,9 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
         .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
     let mut watch = Watch::start(&config.watch, false, config.max_port_labels)?;
 
-    let shared = Arc::new(Shared::new(config.watch.refresh));
+    let (requests, view_requests) = mpsc::channel(16);
+    watch.view_requests = Some(view_requests);
+    let shared = Arc::new(Shared::new(config.watch.refresh, requests));
     let app = api::router(Arc::clone(&shared));
     info!(addr = %config.metrics_addr, ports = ?config.watch.ports, "serving /metrics, /connections, /healthz");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -260,8 +300,8 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
     let pod_labels = config.pod_labels;
     let never = std::future::pending::<()>();
     watch
-        .run(never, |watch, connections| {
-            publish(watch, connections, &shared, pod_labels);
+        .run(never, |watch| {
+            publish(watch, &shared, pod_labels);
             if server.is_finished() {
                 return Err(anyhow::anyhow!("the HTTP server stopped").into());
             }
@@ -297,7 +337,8 @@ pub async fn audit(config: AuditConfig) -> Result<(), RunError> {
     let progress = std::io::stderr().is_terminal();
     let deadline = tokio::time::sleep(config.duration);
     let stopped = watch
-        .run(deadline, |watch, connections| {
+        .run(deadline, |watch| {
+            let connections = watch.views();
             audit.notes(watch.tracker.take_notes());
             audit.refresh(&connections, crate::clock::monotonic_ns());
             if progress {
@@ -308,7 +349,8 @@ pub async fn audit(config: AuditConfig) -> Result<(), RunError> {
         .await?;
     // What happened since the last refresh belongs in the report too.
     watch.drain_now();
-    let connections = watch.refresh();
+    watch.refresh();
+    let connections = watch.views();
     audit.notes(watch.tracker.take_notes());
     audit.refresh(&connections, crate::clock::monotonic_ns());
     if progress {
@@ -533,16 +575,30 @@ fn evict(kernel: &mut Kernel, tracker: &mut Tracker, plan: &evict::Plan) {
     }
 }
 
-/// Renders the metrics of one refresh and publishes them with its connection ends.
-fn publish(watch: &mut Watch, connections: Vec<ConnectionView>, shared: &Shared, pod_labels: bool) {
+/// Awaits the next request for the connection ends; never, when nobody serves them.
+async fn next_request(requests: &mut Option<mpsc::Receiver<ViewRequest>>) -> Option<ViewRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renders the metrics of one refresh and publishes them.
+fn publish(watch: &mut Watch, shared: &Shared, pod_labels: bool) {
     if let Some(state) = &mut watch.state {
         state.save(watch.tracker.upgrades());
     }
     let kernel = &watch.kernel;
     let stats = kernel.stats();
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let pods = if pod_labels {
+        watch.pods.pods(watch.open.iter().filter_map(|end| end.pid), Instant::now())
+    } else {
+        metrics::PodsByPid::new()
+    };
     let mut metrics = metrics::render(&metrics::Inputs {
-        connections: &connections,
+        open: &watch.open,
+        pods: &pods,
         aggregates: watch.tracker.aggregates(),
         events_lost: stats[stat::EVENTS_LOST as usize],
         maps: &[
@@ -563,5 +619,5 @@ fn publish(watch: &mut Watch, connections: Vec<ConnectionView>, shared: &Shared,
     });
     // What this refresh cost: reading the kernel map, verdicts and rendering.
     metrics::append_refresh_duration(&mut metrics, watch.refresh_started.elapsed().as_secs_f64());
-    shared.publish(Snapshot { connections, metrics, taken: Instant::now() });
+    shared.publish(Snapshot { metrics, taken: Instant::now() });
 }

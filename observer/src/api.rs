@@ -13,15 +13,20 @@ use axum::{
     routing::get,
 };
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::conntrack::ConnectionView;
 
-/// What the refresh loop publishes for the endpoint.
+/// What the refresh loop publishes for the endpoint at every refresh.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub connections: Vec<ConnectionView>,
     pub metrics: String,
     pub taken: Instant,
 }
+
+/// A request for the connection ends, answered by the refresh loop with a refresh made for it:
+/// the ends' views are built only when asked for.
+pub type ViewRequest = oneshot::Sender<Vec<ConnectionView>>;
 
 /// State shared between the refresh loop and the handlers.
 #[derive(Debug)]
@@ -30,11 +35,13 @@ pub struct Shared {
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     /// The agent is unhealthy when no refresh happened for this long.
     stale_after: Duration,
+    views: mpsc::Sender<ViewRequest>,
 }
 
 impl Shared {
-    pub fn new(refresh: Duration) -> Self {
-        Self { snapshot: RwLock::new(None), stale_after: refresh * 3 + Duration::from_secs(1) }
+    pub fn new(refresh: Duration, views: mpsc::Sender<ViewRequest>) -> Self {
+        let stale_after = refresh * 3 + Duration::from_secs(1);
+        Self { snapshot: RwLock::new(None), stale_after, views }
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -68,11 +75,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response 
 }
 
 async fn connections(State(shared): State<Arc<Shared>>) -> axum::response::Response {
-    let Some(snapshot) = shared.current() else {
+    if shared.current().is_none() {
         return starting();
+    }
+    let (reply, answer) = oneshot::channel();
+    let answer = match shared.views.send(reply).await {
+        Ok(()) => answer.await.ok(),
+        Err(_) => None,
     };
-    let mut connections: Vec<&ConnectionView> = snapshot.connections.iter().collect();
-    connections.sort_by(|a, b| ConnectionView::worst_first(a, b));
+    let Some(mut connections) = answer else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
+    };
+    connections.sort_by(ConnectionView::worst_first);
     Json(connections).into_response()
 }
 

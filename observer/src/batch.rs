@@ -27,16 +27,19 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every entry of the hash map behind `fd`, whose keys are `K` and values `V` exactly as the
-/// map was created. An error means nothing was read (the kernel lacks batch lookups, before
-/// 5.6, or refused): the caller falls back to walking the map.
+/// Replaces the contents of `out` with every entry of the hash map behind `fd`, whose keys are
+/// `K` and values `V` exactly as the map was created. `out` keeps its allocation from one call
+/// to the next: a refresh reads about as many entries as the one before. An error means
+/// nothing was read (the kernel lacks batch lookups, before 5.6, or refused): the caller falls
+/// back to walking the map.
 pub fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     fd: BorrowedFd<'_>,
-) -> io::Result<Vec<(K, V)>> {
+    out: &mut Vec<(K, V)>,
+) -> io::Result<()> {
+    out.clear();
     let mut chunk = CHUNK;
     let mut keys = vec![K::default(); chunk];
     let mut values = vec![V::default(); chunk];
-    let mut out = Vec::new();
     // A hash map's position is a bucket index.
     let (mut position, mut next): (u32, u32) = (0, 0);
     let mut first = true;
@@ -75,12 +78,15 @@ pub fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
                     values.resize(chunk, V::default());
                     continue;
                 }
-                e => return Err(e),
+                e => {
+                    out.clear();
+                    return Err(e);
+                }
             }
         };
         out.extend(keys[..filled].iter().copied().zip(values[..filled].iter().copied()));
         if done {
-            return Ok(out);
+            return Ok(());
         }
         position = next;
         first = false;

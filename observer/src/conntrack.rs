@@ -22,7 +22,9 @@ use tracing::{debug, info};
 use crate::{
     adopt::frames_seen,
     handshake::{Handshake, Outcome as HandshakeOutcome, Upgrade},
-    metrics::{Aggregates, Outcome, PortLabels, SeriesKey, close_code_label, kernel_buckets},
+    metrics::{
+        Aggregates, OpenEnd, Outcome, PortLabels, SeriesKey, close_code_label, kernel_buckets,
+    },
     verdict::{Judgement, Thresholds, Verdict, close_reason, judge},
 };
 
@@ -231,6 +233,8 @@ struct Conn {
     upgrade: Option<Upgrade>,
     protocol: &'static str,
     verdict: Option<Verdict>,
+    /// The verdict and its evidence at the last [`Tracker::judge`].
+    judgement: Option<Judgement>,
     /// When `verdict` last changed.
     verdict_since_ns: u64,
     /// Counted in `websocket_connections_total{result="accept"}`.
@@ -254,6 +258,10 @@ struct Conn {
     adopted: bool,
     /// The last [`Tracker::sync`] pass that found its kernel entry.
     synced: u64,
+    /// The last pass that found its kernel entry changed.
+    changed: u64,
+    /// The last pass that read its frame tracking; 0 before the first.
+    framed: u64,
 }
 
 impl Conn {
@@ -268,6 +276,7 @@ impl Conn {
             upgrade: None,
             protocol: "unknown",
             verdict: None,
+            judgement: None,
             verdict_since_ns: 0,
             accepted: false,
             pings: 0,
@@ -282,11 +291,21 @@ impl Conn {
             correction: QueueCorrection::default(),
             adopted: false,
             synced: 0,
+            changed: 0,
+            framed: 0,
         }
     }
 
     fn watched(&self) -> bool {
         self.state.flags & flags::WATCHED != 0
+    }
+
+    /// Whether [`Tracker::sync`] pass `pass` reads its frame tracking: it has some, and it was
+    /// never read, or the kernel entry changed in this pass or the one before. Frames move only
+    /// with segments, which change the entry too; the pass after a change catches a segment
+    /// whose frames the kernel was still tracking while this pass read them.
+    fn wants_frames(&self, pass: u64) -> bool {
+        (self.upgrade.is_some() || self.adopted) && (self.framed == 0 || self.changed + 1 >= pass)
     }
 
     /// A WebSocket by its handshake, or, adopted, by the frames seen since.
@@ -409,6 +428,10 @@ pub struct Tracker {
     early: HashMap<u64, Early>,
     /// Passes of [`Tracker::sync`] so far.
     sync_pass: u64,
+    /// When [`Tracker::judge`] last ran.
+    judged_ns: u64,
+    /// The cookies whose frames the last pass read; kept for its allocation.
+    frames_wanted: Vec<u64>,
     aggregates: Aggregates,
     /// Events kept for [`Tracker::take_notes`]; `None` when nobody asked for them.
     notes: Option<Vec<Note>>,
@@ -422,6 +445,8 @@ impl Tracker {
             conns: HashMap::new(),
             early: HashMap::new(),
             sync_pass: 0,
+            judged_ns: 0,
+            frames_wanted: Vec::new(),
             aggregates: Aggregates::default(),
             notes: None,
         }
@@ -717,11 +742,13 @@ impl Tracker {
     /// Brings the table in line with the kernel's entries: refreshes counters, adopts watched
     /// connections whose open event was lost, and closes those whose close event was lost.
     /// `frames` is the kernel's frame tracking, by connection.
-    pub fn sync(
+    pub fn sync<F>(
         &mut self,
         entries: impl IntoIterator<Item = (u64, ConnState)>,
-        frames: impl IntoIterator<Item = (u64, WsState)>,
-    ) {
+        frames: impl FnOnce(&[u64]) -> F,
+    ) where
+        F: IntoIterator<Item = (u64, WsState)>,
+    {
         // Each entry marks its connection with this pass's number; the unmarked ones are gone.
         self.sync_pass += 1;
         let pass = self.sync_pass;
@@ -733,39 +760,56 @@ impl Tracker {
         if self.early.len() < before {
             debug!(connections = before - self.early.len(), "held events dropped: no close came");
         }
-        for (cookie, state) in entries {
+        let mut wanted = std::mem::take(&mut self.frames_wanted);
+        wanted.clear();
+        for (cookie, mut state) in entries {
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
-                    conn.state = state;
-                    conn.correction.apply(&mut conn.state);
+                    conn.correction.apply(&mut state);
+                    if conn.state != state {
+                        conn.state = state;
+                        conn.changed = pass;
+                    }
                     conn.synced = pass;
+                    if conn.wants_frames(pass) {
+                        wanted.push(cookie);
+                    }
                 }
                 None if state.flags & flags::WATCHED != 0 => {
                     // Neither upgraded nor adopted yet: no frames to take below.
                     self.open(cookie, state);
                     if let Some(conn) = self.conns.get_mut(&cookie) {
                         conn.synced = pass;
+                        conn.changed = pass;
                     }
                 }
                 None => {}
             }
         }
-        for (cookie, ws) in frames {
+        let read = frames(&wanted);
+        // Asked for, with or without an entry in the kernel (evicted, or never made for want of
+        // room): not asked for again until the entry changes.
+        for cookie in &wanted {
+            if let Some(conn) = self.conns.get_mut(cookie) {
+                conn.framed = pass;
+            }
+        }
+        for (cookie, ws) in read {
             if let Some(conn) = self.conns.get_mut(&cookie)
                 && conn.synced == pass
                 && (conn.upgrade.is_some() || conn.adopted)
             {
                 conn.frames = Some(ws);
-            }
-        }
-        let mut gone = Vec::new();
-        for (&cookie, conn) in &mut self.conns {
-            if conn.synced != pass {
-                gone.push(cookie);
-            } else if conn.upgrade.is_some() || conn.adopted {
                 take_frame_counts(&mut self.aggregates, conn);
             }
         }
+        self.frames_wanted = wanted;
+        let gone: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.synced != pass)
+            .map(|(&cookie, _)| cookie)
+            .collect();
         for cookie in gone {
             if let Some(conn) = self.conns.remove(&cookie) {
                 self.finish(cookie, conn);
@@ -774,56 +818,65 @@ impl Tracker {
     }
 
     /// Recomputes every verdict at `now_ns`, counts pings whose pong is overdue, logs verdict
-    /// changes, and returns the reported connection ends in no order: they are sorted
-    /// ([`ConnectionView::worst_first`]) only when someone asks for the list.
-    pub fn refresh(&mut self, now_ns: u64) -> Vec<ConnectionView> {
-        let mut views = Vec::new();
+    /// changes, and puts in `open` what the gauges need of each reported connection end. The
+    /// views of [`Tracker::views`] are built only when asked for.
+    pub fn judge(&mut self, now_ns: u64, open: &mut Vec<OpenEnd>) {
+        open.clear();
+        self.judged_ns = now_ns;
         for (&cookie, conn) in &mut self.conns {
             if !conn.reported() {
                 continue;
             }
             conn.admit(&mut self.aggregates.ports);
             count_overdue_pings(conn, now_ns, self.pong_timeout_ns, &mut self.aggregates);
-            let mut judgement =
-                judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
-            if let Some(age) = conn.unanswered_ping_ns(now_ns) {
-                let age = age as f64 / 1e9;
-                judgement.detail.push_str(&if conn.pongs == 0 && conn.pings > 1 {
-                    format!(
-                        "; a ping unanswered for {age:.0} s, and no pong to any of {} pings",
-                        conn.pings
-                    )
-                } else {
-                    format!("; a ping unanswered for {age:.0} s")
-                });
-            }
-            if let Some(closing) = conn.unanswered_close(now_ns) {
-                judgement.detail.push_str("; ");
-                judgement.detail.push_str(&closing);
-            }
+            let judgement = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
             let verdict = judgement.verdict;
             if conn.verdict != Some(verdict) {
                 conn.verdict_since_ns = now_ns;
-            }
-            let view = view(cookie, conn, judgement, now_ns);
-            if conn.verdict != Some(verdict) {
+                let s = &conn.state;
                 info!(
                     cookie,
-                    local = %view.local_addr,
-                    remote = %view.remote_addr,
-                    role = %view.role,
-                    pid = view.pid.unwrap_or(0),
-                    comm = view.comm.as_deref().unwrap_or(""),
+                    local = %socket_addr(s.family, &s.local_addr, s.local_port),
+                    remote = %socket_addr(s.family, &s.remote_addr, s.remote_port),
+                    role = role_name(conn.role()),
+                    pid = s.pid,
+                    comm = comm(s).as_deref().unwrap_or(""),
                     from = conn.verdict.map_or("new", Verdict::as_str),
                     to = verdict.as_str(),
-                    detail = %view.detail,
+                    detail = %detail(conn, &judgement, now_ns),
                     "connection verdict changed"
                 );
                 conn.verdict = Some(verdict);
             }
-            views.push(view);
+            conn.judgement = Some(judgement);
+            let s = &conn.state;
+            open.push(OpenEnd {
+                series: conn.series(),
+                pid: (s.pid != 0).then_some(s.pid),
+                verdict,
+                send_queue: s.send_queue(),
+                recv_queue: s.recv_queue(),
+            });
         }
-        views
+    }
+
+    /// The reported connection ends as the last [`Tracker::judge`] saw them, in no order: they
+    /// are sorted ([`ConnectionView::worst_first`]) only when someone asks for the list.
+    pub fn views(&self) -> Vec<ConnectionView> {
+        let now_ns = self.judged_ns;
+        self.conns
+            .iter()
+            .filter(|(_, conn)| conn.reported())
+            .filter_map(|(&cookie, conn)| Some(view(cookie, conn, &conn.judgement?, now_ns)))
+            .collect()
+    }
+
+    /// [`Tracker::judge`], then [`Tracker::views`].
+    #[cfg(test)]
+    pub fn refresh(&mut self, now_ns: u64) -> Vec<ConnectionView> {
+        let mut open = Vec::new();
+        self.judge(now_ns, &mut open);
+        self.views()
     }
 
     pub fn aggregates(&self) -> &Aggregates {
@@ -986,7 +1039,29 @@ pub fn sniff(first: &[u8]) -> &'static str {
     }
 }
 
-fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> ConnectionView {
+/// The verdict's evidence, with what the frames add: a ping left unanswered, a closing
+/// handshake left half done.
+fn detail(conn: &Conn, judgement: &Judgement, now_ns: u64) -> String {
+    let mut detail = judgement.detail();
+    if let Some(age) = conn.unanswered_ping_ns(now_ns) {
+        let age = age as f64 / 1e9;
+        detail.push_str(&if conn.pongs == 0 && conn.pings > 1 {
+            format!(
+                "; a ping unanswered for {age:.0} s, and no pong to any of {} pings",
+                conn.pings
+            )
+        } else {
+            format!("; a ping unanswered for {age:.0} s")
+        });
+    }
+    if let Some(closing) = conn.unanswered_close(now_ns) {
+        detail.push_str("; ");
+        detail.push_str(&closing);
+    }
+    detail
+}
+
+fn view(cookie: u64, conn: &Conn, judgement: &Judgement, now_ns: u64) -> ConnectionView {
     let s = &conn.state;
     let age = |then: u64| (then != 0).then(|| seconds(now_ns.saturating_sub(then)));
     let comm = comm(s);
@@ -1004,7 +1079,7 @@ fn view(cookie: u64, conn: &Conn, judgement: Judgement, now_ns: u64) -> Connecti
         websocket: conn.websocket(),
         protocol: if conn.websocket() { "websocket" } else { conn.protocol }.into(),
         state: judgement.verdict,
-        detail: judgement.detail,
+        detail: detail(conn, judgement, now_ns),
         state_age_seconds: seconds(now_ns.saturating_sub(conn.verdict_since_ns)),
         tcp_state: tcp_state_name(s.tcp_state).into(),
         age_seconds: seconds(now_ns.saturating_sub(s.established_ns)),
@@ -1125,6 +1200,11 @@ mod tests {
         assert_eq!(action, Some(KernelAction::StopForwarding(cookie)));
     }
 
+    /// The kernel's `FRAMES` map as [`Tracker::sync`] reads it: only the cookies it asks for.
+    fn kernel_frames(map: &[(u64, WsState)]) -> impl FnOnce(&[u64]) -> Vec<(u64, WsState)> + '_ {
+        move |wanted| map.iter().filter(|(cookie, _)| wanted.contains(cookie)).copied().collect()
+    }
+
     fn control(direction: Direction, op: u8, ts_ns: u64, close_code: u16) -> FrameEvent {
         FrameEvent {
             header: EventHeader { ts_ns, ..EventHeader::default() },
@@ -1203,7 +1283,7 @@ mod tests {
         let mut t = tracker();
         let mut tls = server(9000, true);
         tls.flags = flags::WATCHED;
-        t.sync([(1, tls), (2, server(9001, false))], []);
+        t.sync([(1, tls), (2, server(9001, false))], kernel_frames(&[]));
         let hello = [0x16, 0x03, 0x01, 0x02, 0x00];
         assert_eq!(
             t.chunk(1, Direction::Ingress, 0, &hello, S, || None),
@@ -1213,7 +1293,7 @@ mod tests {
         assert_eq!(views.len(), 1);
         assert!(!views[0].websocket);
         assert_eq!(views[0].protocol, "tls");
-        t.sync([], []);
+        t.sync([], kernel_frames(&[]));
         assert_eq!(t.aggregates().connections[&((9000, "server"), Outcome::Abort)], 1);
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), "h2");
     }
@@ -1272,8 +1352,11 @@ mod tests {
         assert_eq!(accepted[&((8001, "server"), Outcome::Accept)], 2);
         assert_eq!(accepted[&((OTHER_PORTS, "server"), Outcome::Accept)], 1);
         assert!(!accepted.contains_key(&((8003, "server"), Outcome::Accept)));
+        let mut open = Vec::new();
+        t.judge(S, &mut open);
         let text = crate::metrics::render(&crate::metrics::Inputs {
-            connections: &views,
+            open: &open,
+            pods: &crate::metrics::PodsByPid::new(),
             aggregates: t.aggregates(),
             events_lost: 0,
             maps: &[],
@@ -1283,6 +1366,27 @@ mod tests {
         });
         assert!(text.contains("websocket_connections_active{port=\"other\",role=\"server\"} 1"));
         assert!(!text.contains("port=\"8003\""));
+    }
+
+    #[test]
+    fn views_show_the_last_judgement_whenever_they_are_asked_for() {
+        let mut t = tracker();
+        upgraded(&mut t, 1, server(8080, false));
+        let mut open = Vec::new();
+        t.judge(70 * S, &mut open);
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].series, open[0].verdict), ((8080, "server"), Verdict::Idle));
+        // Judged once: a connection upgraded since waits for the next judgement, and the views
+        // keep the ages and the evidence of the moment of judgement.
+        upgraded(&mut t, 2, server(8081, false));
+        let views = t.views();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].state, Verdict::Idle);
+        assert_eq!(views[0].age_seconds, 69.0);
+        assert_eq!(views[0].detail, "no application data either way for 69 s");
+        t.judge(71 * S, &mut open);
+        assert_eq!(t.views().len(), 2);
+        assert_eq!(open.len(), 2);
     }
 
     #[test]
@@ -1380,7 +1484,7 @@ mod tests {
         // A frame of a connection never seen at all is not held.
         t.frame(7, &control(Direction::Ingress, opcode::PING, 2 * S, 0));
         for _ in 0..3 {
-            t.sync([], []);
+            t.sync([], kernel_frames(&[]));
         }
         // Its close, too late: nothing to replay.
         t.close(6, server(8080, false), WsState::default());
@@ -1427,17 +1531,17 @@ mod tests {
         s.received_origin = 100;
         s.last_rx_ns = S;
         t.adopt(5, s, WsState::default());
-        t.sync([(5, s)], []);
+        t.sync([(5, s)], kernel_frames(&[]));
         assert!(t.unverified_quiet(S + S / 10, S).is_empty(), "not quiet yet");
         assert_eq!(t.unverified_quiet(3 * S, S), vec![5]);
         assert_eq!(t.refresh(3 * S)[0].recv_queue_bytes, 10);
         t.verify_queues(5, 0, 0);
         assert!(t.unverified_quiet(4 * S, S).is_empty());
-        t.sync([(5, s)], []);
+        t.sync([(5, s)], kernel_frames(&[]));
         assert_eq!(t.refresh(4 * S)[0].recv_queue_bytes, 0);
         // Later bytes count as before.
         s.tcp_bytes_received = 150;
-        t.sync([(5, s)], []);
+        t.sync([(5, s)], kernel_frames(&[]));
         assert_eq!(t.refresh(5 * S)[0].recv_queue_bytes, 40);
     }
 
@@ -1469,10 +1573,14 @@ mod tests {
         ws.dir[0].last_data_ns = 2 * S;
         ws.dir[1].frames[kind::PING] = 9;
         ws.dir[1].last_frame_ns = 100 * S;
-        t.sync([(6, s)], [(6, ws)]);
-        t.sync([(6, s)], [(6, ws)]);
+        t.sync([(6, s)], kernel_frames(&[(6, ws)]));
+        t.sync([(6, s)], kernel_frames(&[(6, ws)]));
+        // Two more text messages came in: the entry changed with them.
         ws.dir[0].frames[kind::TEXT] = 7;
-        t.sync([(6, s)], [(6, ws)]);
+        let mut s = s;
+        s.tcp_bytes_received += 20;
+        s.bytes_read += 20;
+        t.sync([(6, s)], kernel_frames(&[(6, ws)]));
         let agg = t.aggregates();
         assert_eq!(agg.messages[&((8080, "server"), "in", kind::TEXT)], 7);
         assert_eq!(agg.messages[&((8080, "server"), "out", kind::PING)], 9);
@@ -1485,6 +1593,30 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_read_when_the_entry_changed_and_once_more_after() {
+        let mut t = tracker();
+        let mut s = server(8080, false);
+        upgraded(&mut t, 6, s);
+        let asked = std::cell::RefCell::new(Vec::new());
+        let pass = |t: &mut Tracker, s: ConnState| {
+            t.sync([(6, s)], |wanted: &[u64]| {
+                asked.borrow_mut().push(wanted.to_vec());
+                Vec::<(u64, WsState)>::new()
+            });
+        };
+        // Never read: read. Then the entry stands still and its frames are not read again,
+        // until it changes, and in the pass after that, for the frames the kernel was still
+        // tracking while the changed entry was read.
+        pass(&mut t, s);
+        pass(&mut t, s);
+        s.tcp_bytes_received += 10;
+        pass(&mut t, s);
+        pass(&mut t, s);
+        pass(&mut t, s);
+        assert_eq!(*asked.borrow(), vec![vec![6], vec![], vec![6], vec![6], vec![]]);
+    }
+
+    #[test]
     fn rsv1_is_a_violation_only_without_permessage_deflate() {
         for (extensions, expected) in [(None, Some(&2)), (Some("permessage-deflate"), None)] {
             let mut t = tracker();
@@ -1494,7 +1626,7 @@ mod tests {
                 extensions.map(str::to_owned);
             let mut ws = WsState::default();
             ws.dir[0].rsv1_frames = 2;
-            t.sync([(8, s)], [(8, ws)]);
+            t.sync([(8, s)], kernel_frames(&[(8, ws)]));
             assert_eq!(
                 t.aggregates().violations.get(&(8080, "server")),
                 expected,

@@ -31,7 +31,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::conntrack::ConnectionView;
+use crate::{conntrack::ConnectionView, metrics::PodsByPid};
 
 /// How long a pid's attribution is trusted before its cgroup is read again (a pid may be reused,
 /// or the process moved).
@@ -194,6 +194,20 @@ impl Resolver {
             c.attribution = self.attribution(pid, now);
         }
         self.by_pid.retain(|pid, _| live.contains(pid));
+    }
+
+    /// The `(namespace, pod)` of each of `pids` that runs in a pod, for the metrics' pod labels.
+    pub fn pods(&mut self, pids: impl Iterator<Item = u32>, now: Instant) -> PodsByPid {
+        let live: HashSet<u32> = pids.collect();
+        let mut pods = PodsByPid::new();
+        for &pid in &live {
+            let a = self.attribution(pid, now);
+            if let (Some(namespace), Some(pod)) = (a.namespace, a.pod) {
+                pods.insert(pid, (namespace, pod));
+            }
+        }
+        self.by_pid.retain(|pid, _| live.contains(pid));
+        pods
     }
 
     fn attribution(&mut self, pid: u32, now: Instant) -> Attribution {

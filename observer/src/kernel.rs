@@ -79,6 +79,9 @@ pub struct KernelConfig {
     pub cgroup: Option<PathBuf>,
 }
 
+/// Up to this many frame entries are looked up one by one rather than read with the whole map.
+const FEW_LOOKUPS: usize = 64;
+
 /// The loaded programs and the maps the agent reads.
 pub struct Kernel {
     /// Keeps the programs and their links alive.
@@ -211,30 +214,54 @@ impl Kernel {
 
     /// Every connection end in `CONNS`.
     pub fn read_conns(&self) -> Vec<(u64, ConnState)> {
-        self.read_all(&self.conns_fd, &self.conns)
+        let mut entries = Vec::new();
+        self.read_conns_into(&mut entries);
+        entries
     }
 
-    /// The frame tracking of every connection in `FRAMES`.
-    pub fn read_frames(&self) -> Vec<(u64, WsState)> {
-        self.read_all(&self.frames_fd, &self.frames)
+    /// Every connection end in `CONNS`, into `out` (replacing what it held, keeping its memory).
+    pub fn read_conns_into(&self, out: &mut Vec<(u64, ConnState)>) {
+        self.read_all(&self.conns_fd, &self.conns, out);
     }
 
-    /// A whole map, in batches when the kernel can, else key by key.
+    /// The frame tracking of the connections in `cookies` that have any, into `out`. `entries`
+    /// is about how many entries `FRAMES` holds: for a few cookies among many, one lookup each
+    /// costs less than reading the whole map, and the other way round.
+    pub fn read_frames_into(&self, cookies: &[u64], entries: u64, out: &mut Vec<(u64, WsState)>) {
+        out.clear();
+        if cookies.is_empty() {
+            return;
+        }
+        let few = cookies.len() <= FEW_LOOKUPS || (cookies.len() as u64) * 16 <= entries;
+        if few {
+            out.extend(
+                cookies
+                    .iter()
+                    .filter_map(|&cookie| Some((cookie, self.frames.get(&cookie, 0).ok()?))),
+            );
+        } else {
+            self.read_all(&self.frames_fd, &self.frames, out);
+        }
+    }
+
+    /// A whole map into `out`, in batches when the kernel can, else key by key.
     fn read_all<V: aya::Pod + Default>(
         &self,
         fd: &OwnedFd,
         map: &HashMap<MapData, u64, V>,
-    ) -> Vec<(u64, V)> {
+        out: &mut Vec<(u64, V)>,
+    ) {
         if !self.no_batch.load(Ordering::Relaxed) {
-            match crate::batch::read_hash(fd.as_fd()) {
-                Ok(entries) => return entries,
+            match crate::batch::read_hash(fd.as_fd(), out) {
+                Ok(()) => return,
                 Err(error) => {
                     warn!(%error, "batch map reads refused: reading the maps key by key, which costs more");
                     self.no_batch.store(true, Ordering::Relaxed);
                 }
             }
         }
-        map.iter().filter_map(Result::ok).collect()
+        out.clear();
+        out.extend(map.iter().filter_map(Result::ok));
     }
 
     /// Sum over CPUs of one kernel-side counter.

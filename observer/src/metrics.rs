@@ -10,13 +10,13 @@
 //! that has an open connection now, so the count follows the pods running on the node.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::{Display, Write as _},
 };
 
 use observer_common::frame::{MESSAGE_SIZE_BOUNDS, MESSAGE_SIZE_BUCKETS, kind};
 
-use crate::{conntrack::ConnectionView, verdict::Verdict};
+use crate::verdict::Verdict;
 
 /// `(server port, role)`; the port is [`OTHER_PORTS`] for ports past the label limit.
 pub type SeriesKey = (u16, &'static str);
@@ -228,9 +228,25 @@ impl Aggregates {
     }
 }
 
+/// What the gauges need of one reported connection end, as of the last refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenEnd {
+    pub series: SeriesKey,
+    /// The process holding it, by which its pod is found.
+    pub pid: Option<u32>,
+    pub verdict: Verdict,
+    pub send_queue: u64,
+    pub recv_queue: u64,
+}
+
+/// `(namespace, pod)` of the processes that hold connections and run in a pod.
+pub type PodsByPid = HashMap<u32, (String, String)>;
+
 /// What one rendering needs besides the aggregates.
 pub struct Inputs<'a> {
-    pub connections: &'a [ConnectionView],
+    pub open: &'a [OpenEnd],
+    /// Consulted only with `pod_labels`.
+    pub pods: &'a PodsByPid,
     pub aggregates: &'a Aggregates,
     pub events_lost: u64,
     /// Each kernel map the agent keeps below its limit: its fill and evictions, and the entries
@@ -267,16 +283,18 @@ type Labels<'a> = [(&'a str, &'a dyn Display)];
 pub fn render(inputs: &Inputs<'_>) -> String {
     let agg = inputs.aggregates;
     let mut series: BTreeMap<(SeriesKey, PodKey<'_>), PerSeries> = BTreeMap::new();
-    for c in inputs.connections {
-        let role: &'static str = if c.role == "client" { "client" } else { "server" };
-        let a = &c.attribution;
-        let pod =
-            if inputs.pod_labels { a.namespace.as_deref().zip(a.pod.as_deref()) } else { None };
-        let s = series.entry(((c.metric_port, role), pod)).or_default();
+    for end in inputs.open {
+        let pod = if inputs.pod_labels {
+            let pod = end.pid.and_then(|pid| inputs.pods.get(&pid));
+            pod.map(|(namespace, pod)| (namespace.as_str(), pod.as_str()))
+        } else {
+            None
+        };
+        let s = series.entry((end.series, pod)).or_default();
         s.open += 1;
-        s.by_state[Verdict::ALL.iter().position(|v| *v == c.state).unwrap_or(0)] += 1;
-        s.send_queue += c.send_queue_bytes;
-        s.recv_queue += c.recv_queue_bytes;
+        s.by_state[Verdict::ALL.iter().position(|v| *v == end.verdict).unwrap_or(0)] += 1;
+        s.send_queue += end.send_queue;
+        s.recv_queue += end.recv_queue;
     }
     // Known ports and roles with no open connection show zeros rather than vanishing.
     for &key in &agg.known {
@@ -622,21 +640,14 @@ pub fn kernel_buckets(counts: &[u32; MESSAGE_SIZE_BUCKETS]) -> [u64; MESSAGE_SIZ
 mod tests {
     use super::*;
 
-    fn conn(port: u16, role: &str, state: Verdict, sendq: u64, recvq: u64) -> ConnectionView {
-        ConnectionView {
-            role: role.to_owned().into(),
-            port,
-            metric_port: port,
-            state,
-            send_queue_bytes: sendq,
-            recv_queue_bytes: recvq,
-            ..ConnectionView::default()
-        }
+    fn conn(port: u16, role: &'static str, verdict: Verdict, sendq: u64, recvq: u64) -> OpenEnd {
+        OpenEnd { series: (port, role), pid: None, verdict, send_queue: sendq, recv_queue: recvq }
     }
 
-    fn render_with(connections: &[ConnectionView], agg: &Aggregates) -> String {
+    fn render_with(open: &[OpenEnd], agg: &Aggregates) -> String {
         render(&Inputs {
-            connections,
+            open,
+            pods: &PodsByPid::new(),
             aggregates: agg,
             events_lost: 4,
             maps: &[MapInputs {
@@ -737,19 +748,21 @@ mod tests {
 
     #[test]
     fn pod_labels_split_gauges_by_pod_and_only_when_asked() {
-        let in_pod = |pod: &str| {
-            let mut c = conn(8080, "server", Verdict::Active, 3, 0);
-            c.attribution.namespace = Some("shop".into());
-            c.attribution.pod = Some(pod.into());
-            c.attribution.container = Some("ab".repeat(32));
-            c
-        };
-        let connections = [in_pod("cart-1"), in_pod("cart-1"), in_pod("cart-2")];
+        let in_pod =
+            |pid| OpenEnd { pid: Some(pid), ..conn(8080, "server", Verdict::Active, 3, 0) };
+        // Two processes in cart-1, one in cart-2, one in no pod.
+        let pods = PodsByPid::from([
+            (1, ("shop".to_owned(), "cart-1".to_owned())),
+            (2, ("shop".to_owned(), "cart-1".to_owned())),
+            (3, ("shop".to_owned(), "cart-2".to_owned())),
+        ]);
+        let connections = [in_pod(1), in_pod(2), in_pod(3)];
         let mut agg = Aggregates::default();
         agg.known.insert((8080, "server"));
         agg.known.insert((9090, "client"));
         let inputs = |pod_labels| Inputs {
-            connections: &connections,
+            open: &connections,
+            pods: &pods,
             aggregates: &agg,
             events_lost: 0,
             maps: &[],

@@ -65,11 +65,100 @@ pub struct Thresholds {
     pub stall_after: Duration,
 }
 
-/// A verdict and one short sentence of the evidence behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A verdict and the figures behind it. The one-sentence [`Judgement::detail`] is written from
+/// them only when someone reads it: every connection end is judged at every refresh, and most
+/// judgements are never shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Judgement {
     pub verdict: Verdict,
-    pub detail: String,
+    pub evidence: Evidence,
+    /// How long ago the peer sent its FIN, when it did and the verdict is not `half_closed`,
+    /// which says so itself.
+    pub since_fin_ns: Option<u64>,
+}
+
+/// What a verdict rests on; durations are nanoseconds up to the moment of judgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// Bytes unacknowledged for `stuck_ns` while the peer advertises a zero window.
+    ZeroWindow { unacked: u64, stuck_ns: u64, zero_ns: u64 },
+    /// Bytes unacknowledged for `stuck_ns` while the peer still answers, with a small window.
+    SmallWindow { unacked: u64, stuck_ns: u64, quiet_ns: u64, window: u32 },
+    /// Bytes unacknowledged for `stuck_ns` and nothing from the peer for `quiet_ns`.
+    Silent { unacked: u64, stuck_ns: u64, retransmits: u32, quiet_ns: u64 },
+    /// Bytes unread for `unread_ns`; `frozen` when nothing was written either.
+    Unread { unread: u64, unread_ns: u64, last_write_ns: u64, frozen: bool },
+    /// The peer's FIN `since_fin_ns` ago, the socket still open.
+    CloseWait { since_fin_ns: u64 },
+    /// No application data for `quiet_ns`, past the idle threshold.
+    Quiet { quiet_ns: u64 },
+    /// Application data `quiet_ns` ago.
+    Data { quiet_ns: u64 },
+}
+
+impl Judgement {
+    /// One short sentence of the evidence, e.g. "41 KiB unacked for 12 s, 6 retransmissions,
+    /// nothing from the peer for 12 s".
+    pub fn detail(&self) -> String {
+        let mut detail = match self.evidence {
+            Evidence::ZeroWindow { unacked, stuck_ns, zero_ns } => format!(
+                "{}, the peer has advertised a zero window for {}",
+                unacked_for(unacked, stuck_ns),
+                human_ns(zero_ns)
+            ),
+            Evidence::SmallWindow { unacked, stuck_ns, quiet_ns, window } => format!(
+                "{}, the peer answers ({} ago) with a window of {window}",
+                unacked_for(unacked, stuck_ns),
+                human_ns(quiet_ns)
+            ),
+            Evidence::Silent { unacked, stuck_ns, retransmits, quiet_ns } => {
+                // Without a retransmission counted yet, the silence itself is the evidence.
+                let retransmissions = match retransmits {
+                    0 => "no retransmission counted yet".to_string(),
+                    1 => "1 retransmission".to_string(),
+                    n => format!("{n} retransmissions"),
+                };
+                format!(
+                    "{}, {retransmissions}, nothing from the peer for {}",
+                    unacked_for(unacked, stuck_ns),
+                    human_ns(quiet_ns)
+                )
+            }
+            Evidence::Unread { unread, unread_ns, last_write_ns, frozen } => {
+                let unread = format!("{} unread for {}", human_bytes(unread), human_ns(unread_ns));
+                if frozen {
+                    format!(
+                        "{unread} and nothing written for {}: the process looks frozen",
+                        human_ns(last_write_ns)
+                    )
+                } else {
+                    format!(
+                        "{unread} while it still writes ({} ago): it stopped reading",
+                        human_ns(last_write_ns)
+                    )
+                }
+            }
+            Evidence::CloseWait { since_fin_ns } => format!(
+                "the peer closed its side {} ago and the socket is still open: a CLOSE_WAIT leak",
+                human_ns(since_fin_ns)
+            ),
+            Evidence::Quiet { quiet_ns } => {
+                format!("no application data either way for {}", human_ns(quiet_ns))
+            }
+            Evidence::Data { quiet_ns } => format!("application data {} ago", human_ns(quiet_ns)),
+        };
+        if let Some(since_fin) = self.since_fin_ns {
+            detail.push_str(&format!(
+                "; the peer closed its side {} ago, the local end is still open",
+                human_ns(since_fin)
+            ));
+        }
+        detail
+    }
+}
+
+fn unacked_for(unacked: u64, stuck_ns: u64) -> String {
+    format!("{} unacked for {}", human_bytes(unacked), human_ns(stuck_ns))
 }
 
 /// Nanoseconds from `then` to `now`; zero when `then` is in the future.
@@ -119,14 +208,9 @@ pub fn judge(
     // The peer's FIN is news at once, whatever else holds; the socket left open past the idle
     // threshold is a leak.
     let since_fin = (state.tcp_state == TCP_CLOSE_WAIT).then(|| at(state.state_changed_ns));
-    let mut judgement = judge_open(state, data_activity_ns, now_ns, thresholds, since_fin);
-    if let Some(since_fin) = since_fin.filter(|_| judgement.verdict != Verdict::HalfClosed) {
-        judgement.detail.push_str(&format!(
-            "; the peer closed its side {} ago, the local end is still open",
-            human_ns(since_fin)
-        ));
-    }
-    judgement
+    let (verdict, evidence) = judge_open(state, data_activity_ns, now_ns, thresholds, since_fin);
+    let since_fin_ns = since_fin.filter(|_| verdict != Verdict::HalfClosed);
+    Judgement { verdict, evidence, since_fin_ns }
 }
 
 /// The verdict rules in priority order, the peer's FIN aside.
@@ -136,95 +220,61 @@ fn judge_open(
     now_ns: u64,
     thresholds: &Thresholds,
     since_fin: Option<u64>,
-) -> Judgement {
+) -> (Verdict, Evidence) {
     let stall = thresholds.stall_after.as_nanos() as u64;
     let idle = thresholds.idle_after.as_nanos() as u64;
     let at = |then: u64| since(now_ns, then.max(state.established_ns));
-    let judged = |verdict, detail| Judgement { verdict, detail };
 
     // The send queue has not moved: the bytes have waited since they were written or since the
     // last acknowledgement, whichever is later.
-    let send_queue = state.send_queue();
-    let stuck = at(state.unacked_since_ns.max(state.last_ack_ns));
-    if send_queue > 0 && stuck >= stall {
-        let quiet = at(state.last_ingress_ns);
-        let unacked = format!("{} unacked for {}", human_bytes(send_queue), human_ns(stuck));
+    let unacked = state.send_queue();
+    let stuck_ns = at(state.unacked_since_ns.max(state.last_ack_ns));
+    if unacked > 0 && stuck_ns >= stall {
+        let quiet_ns = at(state.last_ingress_ns);
         if state.zero_window_since_ns != 0 {
-            let zero = human_ns(since(now_ns, state.zero_window_since_ns));
-            return judged(
-                Verdict::Backpressured,
-                format!("{unacked}, the peer has advertised a zero window for {zero}"),
-            );
+            let zero_ns = since(now_ns, state.zero_window_since_ns);
+            return (Verdict::Backpressured, Evidence::ZeroWindow { unacked, stuck_ns, zero_ns });
         }
         // Retransmissions while the bytes waited are the evidence; without any (a long
         // retransmission timeout), twice the threshold of silence is.
         let retransmitted = state.last_retrans_ns >= state.unacked_since_ns.max(state.last_ack_ns)
             && state.last_retrans_ns != 0;
-        if quiet < stall {
-            return judged(
-                Verdict::Backpressured,
-                format!(
-                    "{unacked}, the peer answers ({} ago) with a window of {}",
-                    human_ns(quiet),
-                    state.peer_window
-                ),
-            );
+        if quiet_ns < stall {
+            let window = state.peer_window;
+            let evidence = Evidence::SmallWindow { unacked, stuck_ns, quiet_ns, window };
+            return (Verdict::Backpressured, evidence);
         }
-        if retransmitted || quiet >= 2 * stall {
-            // Without a retransmission counted yet, the silence itself is the evidence.
-            let retransmissions = match state.total_retrans {
-                0 => "no retransmission counted yet".to_string(),
-                1 => "1 retransmission".to_string(),
-                n => format!("{n} retransmissions"),
-            };
-            return judged(
-                Verdict::PeerUnresponsive,
-                format!(
-                    "{unacked}, {retransmissions}, nothing from the peer for {}",
-                    human_ns(quiet)
-                ),
-            );
+        if retransmitted || quiet_ns >= 2 * stall {
+            let retransmits = state.total_retrans;
+            let evidence = Evidence::Silent { unacked, stuck_ns, retransmits, quiet_ns };
+            return (Verdict::PeerUnresponsive, evidence);
         }
         // Silent, but not yet for long enough without a retransmission to say why.
     }
 
     // Unread since the later of: the bytes started waiting, the application last read.
-    let recv_queue = state.recv_queue();
-    let unread = at(state.unread_since_ns.max(state.last_read_ns));
-    if recv_queue > 0 && unread >= stall {
-        let unread = format!("{} unread for {}", human_bytes(recv_queue), human_ns(unread));
-        let last_write = at(state.last_write_ns);
-        let detail = if last_write >= stall {
-            format!(
-                "{unread} and nothing written for {}: the process looks frozen",
-                human_ns(last_write)
-            )
-        } else {
-            format!(
-                "{unread} while it still writes ({} ago): it stopped reading",
-                human_ns(last_write)
-            )
-        };
-        return judged(Verdict::NotReading, detail);
+    let unread = state.recv_queue();
+    let unread_ns = at(state.unread_since_ns.max(state.last_read_ns));
+    if unread > 0 && unread_ns >= stall {
+        let last_write_ns = at(state.last_write_ns);
+        let frozen = last_write_ns >= stall;
+        return (
+            Verdict::NotReading,
+            Evidence::Unread { unread, unread_ns, last_write_ns, frozen },
+        );
     }
 
-    if let Some(since_fin) = since_fin.filter(|&ns| ns >= idle) {
-        return judged(
-            Verdict::HalfClosed,
-            format!(
-                "the peer closed its side {} ago and the socket is still open: a CLOSE_WAIT leak",
-                human_ns(since_fin)
-            ),
-        );
+    if let Some(since_fin_ns) = since_fin.filter(|&ns| ns >= idle) {
+        return (Verdict::HalfClosed, Evidence::CloseWait { since_fin_ns });
     }
 
     let last_data = data_activity_ns
         .unwrap_or_else(|| state.last_write_ns.max(state.last_rx_ns).max(state.established_ns));
-    let quiet = since(now_ns, last_data);
-    if quiet >= idle {
-        judged(Verdict::Idle, format!("no application data either way for {}", human_ns(quiet)))
+    let quiet_ns = since(now_ns, last_data);
+    if quiet_ns >= idle {
+        (Verdict::Idle, Evidence::Quiet { quiet_ns })
     } else {
-        judged(Verdict::Active, format!("application data {} ago", human_ns(quiet)))
+        (Verdict::Active, Evidence::Data { quiet_ns })
     }
 }
 
@@ -347,7 +397,7 @@ mod tests {
         let j = judge(&c, None, 122 * S, &T);
         assert_eq!(j.verdict, Verdict::PeerUnresponsive);
         assert_eq!(
-            j.detail,
+            j.detail(),
             "40 KiB unacked for 12 s, 6 retransmissions, nothing from the peer for 17 s"
         );
     }
@@ -369,7 +419,7 @@ mod tests {
         c.total_retrans = 0;
         let j = judge(&c, None, 122 * S, &T);
         assert_eq!(j.verdict, Verdict::Backpressured);
-        assert!(j.detail.contains("zero window for 11 s"), "{}", j.detail);
+        assert!(j.detail().contains("zero window for 11 s"), "{}", j.detail());
         // Even when its window probes are answered rarely (persist backoff).
         c.last_ingress_ns = 100 * S;
         assert_eq!(judge(&c, None, 122 * S, &T).verdict, Verdict::Backpressured);
@@ -390,11 +440,11 @@ mod tests {
         c.tcp_bytes_received = 5000;
         c.unread_since_ns = 101 * S;
         c.last_write_ns = 101 * S;
-        assert!(judge(&c, None, 120 * S, &T).detail.contains("frozen"));
+        assert!(judge(&c, None, 120 * S, &T).detail().contains("frozen"));
         c.last_write_ns = 119 * S;
         let j = judge(&c, None, 120 * S, &T);
         assert_eq!(j.verdict, Verdict::NotReading);
-        assert!(j.detail.contains("stopped reading"), "{}", j.detail);
+        assert!(j.detail().contains("stopped reading"), "{}", j.detail());
     }
 
     #[test]
@@ -407,13 +457,13 @@ mod tests {
         assert_eq!(early.verdict, Verdict::Active);
         assert!(
             early
-                .detail
+                .detail()
                 .ends_with("; the peer closed its side 1 s ago, the local end is still open")
         );
         assert_eq!(judge(&c, None, 189 * S, &T).verdict, Verdict::Active);
         let late = judge(&c, None, 190 * S, &T);
         assert_eq!(late.verdict, Verdict::HalfClosed);
-        assert!(late.detail.ends_with("a CLOSE_WAIT leak"), "{}", late.detail);
+        assert!(late.detail().ends_with("a CLOSE_WAIT leak"), "{}", late.detail());
     }
 
     #[test]
@@ -429,7 +479,7 @@ mod tests {
             let j = judge(&c, None, now * S, &T);
             assert_eq!(j.verdict, Verdict::NotReading);
             let fin = format!("; the peer closed its side {} s ago", now - 130);
-            assert!(j.detail.contains(&fin), "{}", j.detail);
+            assert!(j.detail().contains(&fin), "{}", j.detail());
         }
     }
 
@@ -441,7 +491,7 @@ mod tests {
         let j = judge(&c, None, 130 * S, &T);
         assert_eq!(j.verdict, Verdict::PeerUnresponsive);
         assert_eq!(
-            j.detail,
+            j.detail(),
             "40 KiB unacked for 20 s, no retransmission counted yet, nothing from the peer for 25 s"
         );
     }
