@@ -224,10 +224,12 @@ struct Conn {
     state: ConnState,
     /// The `port` label of this end's metrics, fixed the first time it is counted.
     label_port: Option<u16>,
-    frames: Option<WsState>,
+    /// The kernel's frame tracking, as last read. Boxed, as is `handshake`, to keep the table's
+    /// entries small: most connection ends of a busy host have neither.
+    frames: Option<Box<WsState>>,
     baseline: Baseline,
     /// Present while the start of the stream is being examined.
-    handshake: Option<Handshake>,
+    handshake: Option<Box<Handshake>>,
     /// Time of the first request byte.
     request_started_ns: u64,
     upgrade: Option<Upgrade>,
@@ -296,6 +298,13 @@ impl Conn {
         }
     }
 
+    fn set_frames(&mut self, ws: WsState) {
+        match &mut self.frames {
+            Some(frames) => **frames = ws,
+            None => self.frames = Some(Box::new(ws)),
+        }
+    }
+
     fn watched(&self) -> bool {
         self.state.flags & flags::WATCHED != 0
     }
@@ -310,7 +319,7 @@ impl Conn {
 
     /// A WebSocket by its handshake, or, adopted, by the frames seen since.
     fn websocket(&self) -> bool {
-        self.upgrade.is_some() || (self.adopted && self.frames.is_some_and(|f| frames_seen(&f)))
+        self.upgrade.is_some() || (self.adopted && self.frames.as_deref().is_some_and(frames_seen))
     }
 
     /// Shown and counted: a WebSocket, or on a watched port.
@@ -354,13 +363,15 @@ impl Conn {
 
     /// Both directions' frames are being followed.
     fn frames_tracked(&self) -> bool {
-        self.frames.is_some_and(|ws| ws.dir.iter().all(|d| d.phase == Phase::Frames as u8))
+        self.frames
+            .as_deref()
+            .is_some_and(|ws| ws.dir.iter().all(|d| d.phase == Phase::Frames as u8))
     }
 
     /// Latest application data, by frames when they are tracked (pings and pongs are not data),
     /// by bytes otherwise.
     fn data_activity_ns(&self) -> Option<u64> {
-        let ws = self.frames.filter(|_| self.frames_tracked())?;
+        let ws = self.frames.as_deref().filter(|_| self.frames_tracked())?;
         // Adopted: the connection is older than its entry; the kernel's last data times are
         // the floor, not the adoption.
         let floor = if self.adopted {
@@ -424,7 +435,8 @@ struct Early {
 pub struct Tracker {
     thresholds: Thresholds,
     pong_timeout_ns: u64,
-    conns: HashMap<u64, Conn>,
+    /// Boxed: the map moves its entries as it grows, and 200 000 of them are common.
+    conns: HashMap<u64, Box<Conn>>,
     early: HashMap<u64, Early>,
     /// Passes of [`Tracker::sync`] so far.
     sync_pass: u64,
@@ -464,7 +476,7 @@ impl Tracker {
 
     /// A connection on a watched port was established.
     pub fn open(&mut self, cookie: u64, state: ConnState) {
-        let conn = self.conns.entry(cookie).or_insert_with(|| Conn::new(state));
+        let conn = self.conns.entry(cookie).or_insert_with(|| Box::new(Conn::new(state)));
         conn.state = state;
         count_accept(&mut self.aggregates, conn);
     }
@@ -483,7 +495,7 @@ impl Tracker {
         let conn = match self.conns.entry(cookie) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => match lookup() {
-                Some(state) => e.insert(Conn::new(state)),
+                Some(state) => e.insert(Box::new(Conn::new(state))),
                 None => {
                     let data = data.to_vec();
                     self.hold_early(cookie, EarlyEvent::Chunk { direction, offset, data, ts_ns });
@@ -511,7 +523,7 @@ impl Tracker {
         if request && offset == 0 {
             conn.request_started_ns = ts_ns;
         }
-        let handshake = conn.handshake.get_or_insert_with(Handshake::default);
+        let handshake = conn.handshake.get_or_insert_with(Box::default);
         if request {
             handshake.push_request(offset, data);
         } else {
@@ -630,10 +642,10 @@ impl Tracker {
     /// A connection found already open was written into the kernel maps.
     pub fn adopt(&mut self, cookie: u64, state: ConnState, frames: WsState) {
         self.conns.entry(cookie).or_insert_with(|| {
-            let mut conn = Conn::new(state);
+            let mut conn = Box::new(Conn::new(state));
             conn.adopted = true;
             conn.unverified = true;
-            conn.frames = Some(frames);
+            conn.frames = Some(Box::new(frames));
             conn
         });
     }
@@ -691,7 +703,7 @@ impl Tracker {
             && !self.conns.contains_key(&cookie)
         {
             // Replay what it said while it was open, now that its state is known.
-            self.conns.insert(cookie, Conn::new(state));
+            self.conns.insert(cookie, Box::new(Conn::new(state)));
             for event in early.events {
                 match event {
                     EarlyEvent::Chunk { direction, offset, data, ts_ns } => {
@@ -706,7 +718,7 @@ impl Tracker {
             conn.state = state;
             conn.correction.apply(&mut conn.state);
             if frames != WsState::default() {
-                conn.frames = Some(frames);
+                conn.set_frames(frames);
             }
             self.finish(cookie, conn);
         }
@@ -731,7 +743,7 @@ impl Tracker {
 
     /// Whether the connection is reported: WebSocket, or on a watched port.
     pub fn reported(&self, cookie: u64) -> bool {
-        self.conns.get(&cookie).is_some_and(Conn::reported)
+        self.conns.get(&cookie).is_some_and(|conn| conn.reported())
     }
 
     /// Drops a connection evicted from the kernel maps. It did not end: nothing is counted.
@@ -762,9 +774,11 @@ impl Tracker {
         }
         let mut wanted = std::mem::take(&mut self.frames_wanted);
         wanted.clear();
+        let mut found = 0;
         for (cookie, mut state) in entries {
             match self.conns.get_mut(&cookie) {
                 Some(conn) => {
+                    found += 1;
                     conn.correction.apply(&mut state);
                     if conn.state != state {
                         conn.state = state;
@@ -781,6 +795,7 @@ impl Tracker {
                     if let Some(conn) = self.conns.get_mut(&cookie) {
                         conn.synced = pass;
                         conn.changed = pass;
+                        found += 1;
                     }
                 }
                 None => {}
@@ -799,11 +814,15 @@ impl Tracker {
                 && conn.synced == pass
                 && (conn.upgrade.is_some() || conn.adopted)
             {
-                conn.frames = Some(ws);
+                conn.set_frames(ws);
                 take_frame_counts(&mut self.aggregates, conn);
             }
         }
         self.frames_wanted = wanted;
+        if found == self.conns.len() {
+            // Every connection of the table is still in the kernel's: none to look for.
+            return;
+        }
         let gone: Vec<u64> = self
             .conns
             .iter()
@@ -889,7 +908,7 @@ impl Tracker {
     }
 
     /// Accounts for a connection that ended.
-    fn finish(&mut self, cookie: u64, mut conn: Conn) {
+    fn finish(&mut self, cookie: u64, mut conn: Box<Conn>) {
         if conn.reported() {
             conn.admit(&mut self.aggregates.ports);
             // A ping left unanswered for the pong timeout by the time TCP ended is missed, even
@@ -930,7 +949,7 @@ impl Tracker {
                 },
                 "connection closed"
             );
-        } else if conn.handshake.as_ref().is_some_and(Handshake::upgrade_requested) {
+        } else if conn.handshake.as_deref().is_some_and(Handshake::upgrade_requested) {
             // Closed while the upgrade waited for its answer.
             conn.admit(&mut self.aggregates.ports);
             self.aggregates.count(conn.series(), Outcome::Reject);
@@ -942,6 +961,9 @@ impl Tracker {
 /// Counts, once each, the pings of a reported connection still unanswered at `at_ns` after the
 /// pong timeout.
 fn count_overdue_pings(conn: &mut Conn, at_ns: u64, timeout_ns: u64, aggregates: &mut Aggregates) {
+    if conn.outstanding.iter().all(VecDeque::is_empty) {
+        return;
+    }
     let series = conn.series();
     for ping in conn.outstanding.iter_mut().flatten() {
         if !ping.missed && at_ns.saturating_sub(ping.at_ns) >= timeout_ns {
@@ -976,7 +998,7 @@ fn count_accept(aggregates: &mut Aggregates, conn: &mut Conn) {
 
 /// Adds what the kernel counted since the last call to the aggregates.
 fn take_frame_counts(aggregates: &mut Aggregates, conn: &mut Conn) {
-    let Some(ws) = conn.frames else {
+    let Some(ws) = conn.frames.as_deref().copied() else {
         return;
     };
     conn.admit(&mut aggregates.ports);
@@ -1066,7 +1088,7 @@ fn view(cookie: u64, conn: &Conn, judgement: &Judgement, now_ns: u64) -> Connect
     let age = |then: u64| (then != 0).then(|| seconds(now_ns.saturating_sub(then)));
     let comm = comm(s);
     let last_frame =
-        conn.frames.map_or(0, |ws| ws.dir[0].last_frame_ns.max(ws.dir[1].last_frame_ns));
+        conn.frames.as_ref().map_or(0, |ws| ws.dir[0].last_frame_ns.max(ws.dir[1].last_frame_ns));
     let upgrade = conn.upgrade.as_ref();
     ConnectionView {
         local_addr: Endpoint(socket_addr(s.family, &s.local_addr, s.local_port)),
