@@ -192,14 +192,28 @@ impl Watch {
                 }
                 request = next_request(&mut self.view_requests) => match request {
                     // Answered from a refresh of its own, published before the answer, so that
-                    // what `/metrics` says from then on agrees with it.
+                    // what `/metrics` says from then on agrees with it. Requests that queued
+                    // meanwhile share it.
                     Some(reply) => {
+                        let mut replies = vec![reply];
+                        if let Some(requests) = &mut self.view_requests {
+                            while let Ok(reply) = requests.try_recv() {
+                                replies.push(reply);
+                            }
+                        }
                         self.drain_now();
                         self.refresh_started = Instant::now();
                         self.refresh();
                         on_refresh(self)?;
-                        // The asker may have given up waiting: nothing to do then.
-                        let _ = reply.send(self.views());
+                        let views = self.views();
+                        let last = replies.pop();
+                        // An asker may have given up waiting: nothing to do then.
+                        for reply in replies {
+                            let _ = reply.send(views.clone());
+                        }
+                        if let Some(reply) = last {
+                            let _ = reply.send(views);
+                        }
                     }
                     None => self.view_requests = None,
                 },

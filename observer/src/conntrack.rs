@@ -234,10 +234,9 @@ struct Conn {
     request_started_ns: u64,
     upgrade: Option<Upgrade>,
     protocol: &'static str,
-    verdict: Option<Verdict>,
     /// The verdict and its evidence at the last [`Tracker::judge`].
     judgement: Option<Judgement>,
-    /// When `verdict` last changed.
+    /// When the verdict last changed.
     verdict_since_ns: u64,
     /// Counted in `websocket_connections_total{result="accept"}`.
     accepted: bool,
@@ -277,7 +276,6 @@ impl Conn {
             request_started_ns: 0,
             upgrade: None,
             protocol: "unknown",
-            verdict: None,
             judgement: None,
             verdict_since_ns: 0,
             accepted: false,
@@ -753,7 +751,8 @@ impl Tracker {
 
     /// Brings the table in line with the kernel's entries: refreshes counters, adopts watched
     /// connections whose open event was lost, and closes those whose close event was lost.
-    /// `frames` is the kernel's frame tracking, by connection.
+    /// `frames` reads the kernel's frame tracking of the connections it is given: those whose
+    /// entry changed (see [`Conn::wants_frames`]).
     pub fn sync<F>(
         &mut self,
         entries: impl IntoIterator<Item = (u64, ConnState)>,
@@ -786,6 +785,9 @@ impl Tracker {
                     }
                     conn.synced = pass;
                     if conn.wants_frames(pass) {
+                        // Asked for, with or without an entry in the kernel (evicted, or never
+                        // made for want of room): not asked for again until the entry changes.
+                        conn.framed = pass;
                         wanted.push(cookie);
                     }
                 }
@@ -801,15 +803,7 @@ impl Tracker {
                 None => {}
             }
         }
-        let read = frames(&wanted);
-        // Asked for, with or without an entry in the kernel (evicted, or never made for want of
-        // room): not asked for again until the entry changes.
-        for cookie in &wanted {
-            if let Some(conn) = self.conns.get_mut(cookie) {
-                conn.framed = pass;
-            }
-        }
-        for (cookie, ws) in read {
+        for (cookie, ws) in frames(&wanted) {
             if let Some(conn) = self.conns.get_mut(&cookie)
                 && conn.synced == pass
                 && (conn.upgrade.is_some() || conn.adopted)
@@ -850,7 +844,8 @@ impl Tracker {
             count_overdue_pings(conn, now_ns, self.pong_timeout_ns, &mut self.aggregates);
             let judgement = judge(&conn.state, conn.data_activity_ns(), now_ns, &self.thresholds);
             let verdict = judgement.verdict;
-            if conn.verdict != Some(verdict) {
+            let before = conn.judgement.map(|j| j.verdict);
+            if before != Some(verdict) {
                 conn.verdict_since_ns = now_ns;
                 let s = &conn.state;
                 info!(
@@ -860,12 +855,11 @@ impl Tracker {
                     role = role_name(conn.role()),
                     pid = s.pid,
                     comm = comm(s).as_deref().unwrap_or(""),
-                    from = conn.verdict.map_or("new", Verdict::as_str),
+                    from = before.map_or("new", Verdict::as_str),
                     to = verdict.as_str(),
                     detail = %detail(conn, &judgement, now_ns),
                     "connection verdict changed"
                 );
-                conn.verdict = Some(verdict);
             }
             conn.judgement = Some(judgement);
             let s = &conn.state;
