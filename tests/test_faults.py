@@ -174,7 +174,10 @@ def test_c02_link_cut_while_streaming_then_retransmission_timeout(link, agent_fa
     detected("C02 link cut while streaming", "peer_unresponsive", cut_at)
     assert time.monotonic() - cut_at <= STALL + REFRESH + SLACK + 1
     assert server["send_queue_bytes"] > 0
-    wait_for("retransmissions counted", lambda: end(agent, port, "server")["retransmits"] > 0, 2)
+    # TCP counts a retransmission only when the device took it; around the moment the client's
+    # veth goes down the server's may refuse them, and TCP retries them uncounted. Seen counted
+    # 2.0 to 4.4 s after the cut (6 runs); the kernel gives up at about 13 s.
+    wait_for("retransmissions counted", lambda: end(agent, port, "server")["retransmits"] > 0, 8)
     # The client end never learns: it stays established, and is idle, not healthy.
     verdict_within(agent, port, "client", "idle", IDLE + REFRESH + SLACK + 1)
     assert end(agent, port, "client")["tcp_state"] == "ESTABLISHED"
